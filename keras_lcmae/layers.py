@@ -1,0 +1,233 @@
+"""Building blocks of the ViT encoder and the Transformer decoder.
+
+The blocks mirror the official MAE (timm) ones: pre-norm, a fused ``qkv``
+projection with bias, exact (erf) GELU in an MLP of ratio 4, LayerNorm with
+``epsilon=1e-6``, xavier-uniform linear kernels and zero biases.
+"""
+
+import keras
+from keras import ops
+
+from keras_lcmae.ops import patchify, to_2tuple
+
+LAYER_NORM_EPSILON = 1e-6
+
+
+def _dense(units, name, use_bias=True):
+    return keras.layers.Dense(
+        units,
+        use_bias=use_bias,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        name=name,
+    )
+
+
+def layer_norm(name, epsilon=LAYER_NORM_EPSILON):
+    """LayerNorm with the MAE epsilon (Keras' default of 1e-3 is not MAE's)."""
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class PatchEmbed(keras.layers.Layer):
+    """Linear patch embedding: ``patchify`` then one matrix product.
+
+    This is the official strided convolution written as a linear layer on the
+    patch vectors; its kernel ``(p*p*C, D)`` is the conv weight ``(D, C, p, p)``
+    transposed to ``(p, p, C, D)`` and flattened.
+
+    Example:
+    >>> layer = PatchEmbed(patch_size=8, hidden_dim=32)
+    >>> tuple(layer(np.zeros((2, 32, 32, 3), "float32")).shape)
+    (2, 16, 32)
+    """
+
+    def __init__(self, patch_size, hidden_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = int(patch_size)
+        self.hidden_dim = int(hidden_dim)
+        self.proj = _dense(self.hidden_dim, "proj")
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("PatchEmbed needs a known channel count in its input shape.")
+        self.proj.build((None, None, self.patch_size * self.patch_size * channels))
+        self.built = True
+
+    def call(self, images):
+        return self.proj(patchify(ops.cast(images, self.compute_dtype), self.patch_size))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, hidden_dim=self.hidden_dim)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class DropPath(keras.layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample while
+    training, scaling the kept ones by ``1 / (1 - rate)``."""
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}.")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        noise = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype)
+        return x * ops.floor(keep + noise) / keep
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class Attention(keras.layers.Layer):
+    """Multi-head self-attention with a fused ``qkv`` projection.
+
+    The ``qkv`` kernel's output axis splits into thirds ``q | k | v``, each
+    head a contiguous slice of ``hidden_dim / num_heads`` (the official
+    layout). The default path calls ``keras.ops.dot_product_attention`` (the
+    backend's fused kernel where it has one); ``return_attention=True`` takes
+    an explicit softmax path and also returns the ``(B, heads, T, T)``
+    attention weights, so asking for them never slows the default path.
+
+    Example:
+    >>> attn = Attention(hidden_dim=32, num_heads=4)
+    >>> y, a = attn(np.zeros((2, 5, 32), "float32"), return_attention=True)
+    >>> tuple(a.shape)
+    (2, 4, 5, 5)
+    """
+
+    def __init__(self, hidden_dim, num_heads, qkv_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}."
+            )
+        self.hidden_dim = int(hidden_dim)
+        self.num_heads = int(num_heads)
+        self.qkv_bias = bool(qkv_bias)
+        self.head_dim = self.hidden_dim // self.num_heads
+        self.qkv = _dense(3 * self.hidden_dim, "qkv", use_bias=self.qkv_bias)
+        self.proj = _dense(self.hidden_dim, "proj")
+
+    def build(self, input_shape):
+        self.qkv.build((None, None, self.hidden_dim))
+        self.proj.build((None, None, self.hidden_dim))
+        self.built = True
+
+    def call(self, x, return_attention=False):
+        b, t = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (b, t, 3, self.num_heads, self.head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
+        if not return_attention:
+            out = ops.dot_product_attention(q, k, v)
+            return self.proj(ops.reshape(out, (b, t, self.hidden_dim)))
+        q = ops.transpose(q, (0, 2, 1, 3))
+        k = ops.transpose(k, (0, 2, 1, 3))
+        v = ops.transpose(v, (0, 2, 1, 3))
+        logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim**-0.5)
+        attn = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        out = ops.matmul(ops.cast(attn, v.dtype), v)  # (B, H, T, Dh)
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim))
+        return self.proj(out), attn
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(hidden_dim=self.hidden_dim, num_heads=self.num_heads, qkv_bias=self.qkv_bias)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class Block(keras.layers.Layer):
+    """Pre-norm Transformer block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``.
+
+    Example:
+    >>> block = Block(hidden_dim=32, num_heads=4)
+    >>> tuple(block(np.zeros((2, 5, 32), "float32")).shape)
+    (2, 5, 32)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path=0.0,
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = int(hidden_dim)
+        self.num_heads = int(num_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias = bool(qkv_bias)
+        self.drop_path = float(drop_path)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.mlp_dim = int(self.hidden_dim * self.mlp_ratio)
+        self.norm1 = layer_norm("norm1", self.layer_norm_epsilon)
+        self.attn = Attention(self.hidden_dim, self.num_heads, self.qkv_bias, name="attn")
+        self.norm2 = layer_norm("norm2", self.layer_norm_epsilon)
+        self.fc1 = _dense(self.mlp_dim, "fc1")
+        self.fc2 = _dense(self.hidden_dim, "fc2")
+        self.drop_path_layer = DropPath(self.drop_path, name="drop_path")
+
+    def build(self, input_shape):
+        shape = (None, None, self.hidden_dim)
+        for layer in (self.norm1, self.attn, self.norm2, self.fc1):
+            layer.build(shape)
+        self.fc2.build((None, None, self.mlp_dim))
+        self.built = True
+
+    def call(self, x, training=None, return_attention=False):
+        h = self.norm1(x)
+        if return_attention:
+            h, attn = self.attn(h, return_attention=True)
+        else:
+            h = self.attn(h)
+        x = x + self.drop_path_layer(h, training=training)
+        h = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
+        x = x + self.drop_path_layer(h, training=training)
+        return (x, attn) if return_attention else x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_dim=self.hidden_dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            drop_path=self.drop_path,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+def validate_image_shape(shape, image_size, num_channels, who):
+    """Raises a clear error when NHWC input does not fit a model's fixed size."""
+    if len(shape) != 4:
+        raise ValueError(f"{who} expects NHWC images of rank 4, got shape {tuple(shape)}.")
+    h, w = to_2tuple(image_size)
+    if shape[-1] is not None and shape[-1] != num_channels:
+        raise ValueError(
+            f"{who} was built for {num_channels}-channel images but got {shape[-1]} channels "
+            f"(input shape {tuple(shape)})."
+        )
+    if (shape[1] is not None and shape[1] != h) or (shape[2] is not None and shape[2] != w):
+        raise ValueError(
+            f"{who} was built for {h}x{w} images but got {shape[1]}x{shape[2]} "
+            f"(input shape {tuple(shape)}); resize the images or build the model with "
+            f"image_size=({shape[1]}, {shape[2]})."
+        )
