@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session():
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend {BACKEND}"
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    """200 real Fashion-MNIST test images, 32 px, 3 channels, and labels."""
+    from keras_lcmae.data import fashion_mnist_for_vit
+
+    return fashion_mnist_for_vit("test", image_size=32, channels=3, limit=200)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
