@@ -1,0 +1,159 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+from keras_lcmae.convert import (
+    encoder_from_official_state_dict,
+    export_official_state_dict,
+    load_official_state_dict,
+    mae_from_official_state_dict,
+)
+from tests.helpers import to_np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_mae(channels=3):
+    encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=channels, hidden_dim=32, depth=2, num_heads=2)
+    return MAE(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=4), seed=0)
+
+
+def test_export_import_round_trip(rng):
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    assert state["patch_embed.proj.weight"].shape == (32, 3, 8, 8)
+    assert state["blocks.1.attn.qkv.weight"].shape == (96, 32)
+    assert state["decoder_pred.weight"].shape == (192, 32)
+    copy = mae_from_official_state_dict(state, num_heads=2, decoder_num_heads=4)
+    assert copy.encoder.depth == 2 and copy.decoder.depth == 1 and copy.encoder.image_size == (32, 32)
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+    np.testing.assert_array_equal(to_np(copy(x, noise=noise)["pred"]), to_np(mae(x, noise=noise)["pred"]))
+
+
+def test_patch_kernel_layout_is_the_conv(rng):
+    """The converted conv weight applied as a strided convolution (numpy)
+    equals our patch embedding."""
+    mae = tiny_mae()
+    w = export_official_state_dict(mae)["patch_embed.proj.weight"]  # (D, C, p, p)
+    b = export_official_state_dict(mae)["patch_embed.proj.bias"]
+    x = rng.random((1, 32, 32, 3)).astype("float32")
+    patch = x[0, 8:16, 16:24, :]  # grid row 1, col 2 -> patch index 6
+    conv = np.einsum("dcij,ijc->d", w, patch) + b
+    ours = to_np(mae.encoder.patch_embed(x))[0, 6]
+    np.testing.assert_allclose(ours, conv, atol=1e-5)
+
+
+def test_own_position_table_wins(rng):
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    state["pos_embed"] = rng.normal(size=state["pos_embed"].shape).astype("float32")
+    copy = mae_from_official_state_dict(state, num_heads=2, decoder_num_heads=4)
+    np.testing.assert_array_equal(to_np(copy.encoder.pos_embed), state["pos_embed"])
+
+
+def test_encoder_only_and_finetuned_checkpoints(rng):
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    # A full pretraining checkpoint into an encoder: decoder keys skipped.
+    encoder = ViTEncoder(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=2)
+    report = load_official_state_dict(encoder, state)
+    assert "decoder_pred.weight" in report["skipped"] and "mask_token" in report["skipped"]
+    np.testing.assert_allclose(to_np(encoder(x)), to_np(mae.encoder(x)), atol=1e-6)
+    # A finetuned (global pool) checkpoint: no decoder, no `norm`, has fc_norm + head.
+    finetuned = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token", "norm."))}
+    finetuned["fc_norm.weight"] = np.ones(32, "float32")
+    finetuned["fc_norm.bias"] = np.zeros(32, "float32")
+    finetuned["head.weight"] = np.zeros((10, 32), "float32")
+    finetuned["head.bias"] = np.zeros(10, "float32")
+    enc = encoder_from_official_state_dict(finetuned, num_heads=2)
+    assert enc.final_norm is False
+    assert tuple(enc(x).shape) == (2, 17, 32)
+
+
+def test_bad_state_dicts_are_named(rng):
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    missing = dict(state)
+    del missing["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.mlp.fc2.bias'\]"):
+        load_official_state_dict(tiny_mae(), missing)
+    extra = dict(state, **{"blocks.7.attn.qkv.weight": np.zeros((96, 32), "float32")})
+    with pytest.raises(ValueError, match=r"unexpected keys \['blocks.7.attn.qkv.weight'\]"):
+        load_official_state_dict(tiny_mae(), extra)
+    load_official_state_dict(tiny_mae(), extra, strict=False)
+    bad = dict(state, **{"blocks.0.attn.proj.weight": np.zeros((32, 16), "float32")})
+    with pytest.raises(ValueError, match=r"blocks.0.attn.proj.weight: checkpoint shape \(32, 16\), model expects \(32, 32\)"):
+        load_official_state_dict(tiny_mae(), bad)
+    with pytest.raises(ValueError, match="3-channel images .* num_channels=1"):
+        load_official_state_dict(tiny_mae(channels=1), state)
+    with pytest.raises(ValueError, match="mapping"):
+        load_official_state_dict(tiny_mae(), [1, 2])
+
+
+def test_bad_load_leaves_weights_untouched():
+    mae = tiny_mae()
+    before = [to_np(v).copy() for v in mae.weights]
+    state = {k: v + 1 for k, v in export_official_state_dict(mae).items()}
+    del state["norm.bias"]
+    with pytest.raises(ValueError):
+        load_official_state_dict(mae, state)
+    for a, v in zip(before, mae.weights):
+        np.testing.assert_array_equal(a, to_np(v))
+
+
+def _run_tool(*args):
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_mae_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+@pytest.mark.tf_only
+def test_tool_converts_npz_and_pth(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    npz = os.path.join(tmp_path, "ckpt.npz")
+    np.savez(npz, **state)
+    pth = os.path.join(tmp_path, "ckpt.pth")
+    torch.save({"model": {k: torch.tensor(v) for k, v in state.items()}, "epoch": 3}, pth)
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+    for src in (npz, pth):
+        out = os.path.join(tmp_path, os.path.basename(src) + ".keras")
+        result = _run_tool("--input", src, "--output", out, "--num_heads", "2", "--decoder_num_heads", "4")
+        assert result.returncode == 0, result.stderr[-2000:]
+        loaded = keras.saving.load_model(out, safe_mode=True)
+        np.testing.assert_allclose(to_np(loaded(x, noise=noise)["pred"]), to_np(mae(x, noise=noise)["pred"]), atol=1e-6)
+    enc_out = os.path.join(tmp_path, "enc.keras")
+    assert _run_tool("--input", npz, "--output", enc_out, "--num_heads", "2", "--encoder_only").returncode == 0
+    assert isinstance(keras.saving.load_model(enc_out), ViTEncoder)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.tf_only
+def test_tool_refuses_code_in_checkpoints(tmp_path):
+    torch = pytest.importorskip("torch")
+    pth = os.path.join(tmp_path, "evil.pth")
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 32)}, "payload": _Payload()}, pth)
+    result = _run_tool("--input", pth, "--output", os.path.join(tmp_path, "x.keras"), "--num_heads", "2")
+    assert result.returncode == 2
+    assert "weights-only" in result.stderr and "pwned" not in result.stdout
+    missing = _run_tool("--input", os.path.join(tmp_path, "none.npz"), "--output", "x.keras")
+    assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -1,0 +1,196 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+from keras_lcmae.layers import Attention, Block, DropPath, PatchEmbed
+from tests.helpers import assert_all_gradients, assert_config_mirrors_init, to_np
+
+
+def tiny_mae(**kwargs):
+    encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2)
+    decoder = TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)
+    return MAE(encoder, decoder, seed=1, **kwargs)
+
+
+def test_call_returns_official_outputs(rng):
+    mae = tiny_mae()
+    x = rng.random((3, 32, 32, 3)).astype("float32")
+    out = mae(x)
+    assert tuple(out["pred"].shape) == (3, 16, 8 * 8 * 3)
+    assert tuple(out["mask"].shape) == (3, 16)
+    assert tuple(out["ids_restore"].shape) == (3, 16)
+    assert tuple(out["latent"].shape) == (3, 1 + 4, 32)
+    np.testing.assert_array_equal(to_np(out["mask"]).sum(1), 12)
+
+
+def test_noise_fixes_the_mask_and_dict_input(rng):
+    mae = tiny_mae()
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+    a = mae(x, noise=noise)
+    b = mae({"images": x, "noise": noise})
+    np.testing.assert_array_equal(to_np(a["mask"]), to_np(b["mask"]))
+    np.testing.assert_allclose(to_np(a["pred"]), to_np(b["pred"]), atol=1e-6)
+    expected = (np.argsort(np.argsort(noise, 1), 1) >= 4).astype("float32")
+    np.testing.assert_array_equal(to_np(a["mask"]), expected)
+
+
+@pytest.mark.parametrize(
+    "layer,inputs",
+    [
+        (PatchEmbed(8, 32), np.zeros((2, 32, 32, 3), "float32")),
+        (Attention(32, 4), np.zeros((2, 5, 32), "float32")),
+        (Block(32, 4, drop_path=0.1), np.zeros((2, 5, 32), "float32")),
+        (DropPath(0.2, seed=1), np.zeros((2, 5, 32), "float32")),
+    ],
+    ids=["PatchEmbed", "Attention", "Block", "DropPath"],
+)
+def test_layer_config_round_trip(layer, inputs):
+    out = layer(inputs)
+    clone = assert_config_mirrors_init(layer)
+    assert tuple(clone(inputs).shape) == tuple(out.shape)
+
+
+def test_model_configs_mirror_init():
+    mae = tiny_mae(mask_ratio=0.6, norm_pix_loss=False)
+    assert_config_mirrors_init(mae.encoder)
+    assert_config_mirrors_init(mae.decoder)
+    clone = assert_config_mirrors_init(mae)
+    assert clone.mask_ratio == 0.6 and clone.norm_pix_loss is False
+
+
+def test_attention_weights_on_request_match_fused_path(rng):
+    attn = Attention(32, 4)
+    x = rng.normal(size=(2, 7, 32)).astype("float32")
+    fused = to_np(attn(x))
+    explicit, weights = attn(x, return_attention=True)
+    np.testing.assert_allclose(to_np(explicit), fused, atol=1e-5)
+    np.testing.assert_allclose(to_np(weights).sum(-1), 1.0, atol=1e-5)
+
+
+def test_drop_path_drops_whole_samples():
+    layer = DropPath(0.5, seed=0)
+    x = np.ones((64, 3, 4), "float32")
+    y = to_np(layer(x, training=True))
+    per_sample = y.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    np.testing.assert_array_equal(to_np(layer(x, training=False)), x)
+
+
+def test_keras_file_round_trip(tmp_path, rng):
+    mae = tiny_mae()
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+    before = mae(x, noise=noise)
+    path = os.path.join(tmp_path, "mae.keras")
+    mae.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, MAE)
+    after = loaded(x, noise=noise)
+    for key in ("pred", "mask", "ids_restore", "latent"):
+        np.testing.assert_array_equal(to_np(after[key]), to_np(before[key]), err_msg=key)
+
+
+def test_encoder_is_a_standalone_model(tmp_path, rng):
+    mae = tiny_mae()
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    features = to_np(mae.encoder(x))
+    assert features.shape == (2, 17, 32)
+    path = os.path.join(tmp_path, "encoder.keras")
+    mae.encoder.save(path)
+    encoder = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_np(encoder(x)), features, atol=1e-6)
+    # Downstream: a functional classifier on the loaded encoder trains.
+    inputs = keras.Input((32, 32, 3))
+    logits = keras.layers.Dense(10)(encoder(inputs)[:, 0])
+    clf = keras.Model(inputs, logits)
+    clf.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clf.fit(x, np.array([1, 2]), verbose=0)
+
+
+def test_every_weight_gets_a_gradient(rng):
+    mae = tiny_mae()
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+
+    def loss_fn():
+        out = mae(x, noise=noise, training=True)
+        return mae.compute_loss(x=x, y_pred=out)
+
+    assert_all_gradients(mae, loss_fn)
+
+
+def test_fit_lowers_loss_on_real_images(fmnist):
+    images, _ = fmnist
+    mae = tiny_mae()
+    noise = np.random.default_rng(1).random((64, 16)).astype("float32")
+
+    def eval_loss():
+        out = mae(images[:64], noise=noise)
+        return float(to_np(mae.forward_loss(images[:64], out["pred"], out["mask"])))
+
+    before = eval_loss()
+    mae.compile(optimizer=keras.optimizers.AdamW(2e-3, beta_1=0.9, beta_2=0.95))
+    history = mae.fit(images, batch_size=20, epochs=4, verbose=0)
+    after = eval_loss()
+    assert set(history.history) >= {"loss", "loss_mae"}
+    assert len(history.history["loss_mae"]) == 4
+    assert after < 0.8 * before, (before, after)
+    assert history.history["loss_mae"][-1] < history.history["loss_mae"][0]
+
+
+def test_labelled_dataset_and_evaluate(fmnist):
+    images, labels = fmnist
+    mae = tiny_mae()
+    mae.compile(optimizer="adam")
+    mae.fit(images[:16], labels[:16], batch_size=8, verbose=0)
+    result = mae.evaluate(images[:16], batch_size=8, verbose=0, return_dict=True)
+    assert result["loss_mae"] > 0
+
+
+def test_bad_images_are_named(rng):
+    mae = tiny_mae()
+    with pytest.raises(ValueError, match="3-channel images but got 1 channels"):
+        mae(rng.random((1, 32, 32, 1)).astype("float32"))
+    with pytest.raises(ValueError, match="built for 32x32 images but got 24x24"):
+        mae(rng.random((1, 24, 24, 3)).astype("float32"))
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="not divisible by patch size 16"):
+        ViTEncoder(image_size=40, patch_size=16)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        tiny_mae(mask_ratio=1.0)
+    with pytest.raises(ValueError, match="leaves no visible patch"):
+        tiny_mae(mask_ratio=0.97)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        ViTEncoder(image_size=32, patch_size=8, hidden_dim=30, num_heads=4)
+    encoder = ViTEncoder(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="grid_size"):
+        MAE(encoder, TransformerDecoder(32, 1, 2, grid_size=8))
+    with pytest.raises(ValueError, match="Unknown encoder preset"):
+        ViTEncoder.from_preset("vit_gigantic")
+
+
+def test_presets_have_the_standard_sizes():
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    ours = ViTEncoder.from_preset("vit_base", image_size=224, patch_size=16)
+    theirs = ViTMAEModel(ViTMAEConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    n_ours = sum(int(np.prod(v.shape)) for v in ours.trainable_weights)
+    assert n_ours == n_theirs
+    for name, (width, depth, heads) in {
+        "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)
+    }.items():
+        from keras_lcmae.encoder import preset_kwargs
+
+        kw = preset_kwargs(name)
+        assert (kw["hidden_dim"], kw["depth"], kw["num_heads"]) == (width, depth, heads)
+    assert ViTEncoder.from_preset("vit_test", patch_size=4).num_patches == 64
