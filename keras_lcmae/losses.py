@@ -80,8 +80,11 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     """``x / max(||x||, eps)`` (as ``torch.nn.functional.normalize``): an all-zero
     vector stays zero, so its cosine with anything is 0."""
     x = ops.cast(x, "float32")
-    norm = ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True))
-    return x / ops.maximum(norm, eps)
+    return x / _norms(x, axis, eps, keepdims=True)
+
+
+def _norms(x, axis=-1, eps=1e-12, keepdims=False):
+    return ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=keepdims)), eps)
 
 
 def cross_view_loss(v1, v2, mask1, mask2):
@@ -108,15 +111,22 @@ def cross_view_loss(v1, v2, mask1, mask2):
         _check_rank(name, t, 2)
     _check_same(("v1", "v2"), (v1, v2), (0, 1, 2))
     _check_same(("v1", "mask1", "mask2"), (v1, mask1, mask2), (0, 1))
+    v1, v2 = ops.cast(v1, "float32"), ops.cast(v2, "float32")
     both = ops.cast(mask1, "float32") * ops.cast(mask2, "float32")
-    cos = ops.sum(l2_normalize(v1) * l2_normalize(v2), axis=-1)
+    # cos from the dot product and the two norms: no normalised copy of the
+    # (B, N, d) tensors is made.
+    cos = ops.sum(v1 * v2, axis=-1) / (_norms(v1) * _norms(v2))
     return ops.sum(both * (1.0 - cos)) / ops.maximum(ops.sum(both), 1.0)
 
 
 def cosine_matrix(x):
-    """``(B, N, d)`` -> ``(B, N, N)`` pairwise cosine similarities."""
-    xn = l2_normalize(x)
-    return ops.matmul(xn, ops.transpose(xn, (0, 2, 1)))
+    """``(B, N, d)`` -> ``(B, N, N)`` pairwise cosine similarities, from the
+    Gram matrix and the norms (the ``(B, N, d)`` input is read twice, not
+    normalised)."""
+    x = ops.cast(x, "float32")
+    norms = _norms(x)
+    gram = ops.matmul(x, ops.transpose(x, (0, 2, 1)))
+    return gram / (norms[:, :, None] * norms[:, None, :])
 
 
 def in_view_loss(v, x, mask):
@@ -127,7 +137,8 @@ def in_view_loss(v, x, mask):
     similarity structure of the outputs at masked positions must follow that
     of the input patches. For two views, concatenate them on the batch axis
     (each image has the same number of masked pairs in each view, so this is
-    the mean of the two views' losses).
+    the mean of the two views' losses). Passing only the masked tokens with an
+    all-ones mask gives the same value for less work (``LCMAE`` does).
 
     Args:
         v: ``(B, N, d)`` projector outputs.
@@ -153,16 +164,97 @@ def in_view_loss(v, x, mask):
 
 
 def collapse_std(v, mask=None):
-    """Collapse indicator: the standard deviation of l2-normalised vectors
-    across tokens, averaged over dimensions (≈ 1/sqrt(d) for spread-out
-    outputs, 0 when every token maps to the same vector). With ``mask``, only
-    masked tokens count."""
-    vn = ops.reshape(l2_normalize(v), (-1, v.shape[-1]))
+    """Collapse indicator of projector outputs ``v`` ``(..., d)``: the spread of
+    the l2-normalised vectors across tokens, ``sqrt(mean_k Var_t[v_t / |v_t|]_k)``
+    (the root-mean-square over dimensions of the per-dimension standard
+    deviation). About ``1/sqrt(d)`` when the vectors point everywhere, 0 when
+    every token maps to the same direction. With ``mask`` only masked tokens
+    count. No gradient flows through it.
+
+    It is computed from ``sum_k Var_k = E|u|^2 - |E u|^2`` with ``u = v/|v|``,
+    so the ``(T, d)`` tensor is read twice and never normalised.
+    """
+    v = ops.stop_gradient(ops.cast(v, "float32"))
+    d = v.shape[-1]
+    flat = ops.reshape(v, (-1, d))
+    norms = _norms(flat)
     if mask is None:
-        w = ops.ones((ops.shape(vn)[0], 1), "float32")
+        w = ops.ones_like(norms)
     else:
-        w = ops.reshape(ops.cast(mask, "float32"), (-1, 1))
+        w = ops.reshape(ops.cast(mask, "float32"), (-1,))
     count = ops.maximum(ops.sum(w), 1.0)
-    mean = ops.sum(vn * w, axis=0) / count
-    var = ops.sum(w * ops.square(vn - mean), axis=0) / count
-    return ops.mean(ops.sqrt(var))
+    unit_sq = ops.sum(ops.square(flat), axis=-1) / ops.square(norms)  # 1, or 0 for a zero vector
+    mean_unit = ops.matmul((w / norms)[None, :], flat)[0] / count
+    total_var = ops.sum(w * unit_sq) / count - ops.sum(ops.square(mean_unit))
+    return ops.sqrt(ops.maximum(total_var, 0.0) / d)
+
+
+def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, projector_kernel=None, projector_bias=None):
+    """``L_cross``, ``L_in`` and the collapse indicator of LC-MAE from the
+    masked tokens of two views stacked on the batch axis.
+
+    ``v = features @ kernel + bias`` is the linear projector. When its input
+    is narrower than its output, ``v`` is never materialised: every quantity
+    the losses need is an inner product ``v_s . v_t = f~_s A f~_t`` with
+    ``f~ = [f, 1]`` and ``A = W~ W~^T`` (``W~`` = kernel with the bias as an
+    extra row), so the work is done in the narrow space. The results equal
+    :func:`cross_view_loss`, :func:`in_view_loss` and :func:`collapse_std` on
+    the full outputs (tests check it); autodiff gives the same gradients.
+
+    Args:
+        features: ``(2B, M, F)`` projector inputs at the ``M`` masked
+            positions of each view, rows ``[:B]`` view 1, ``[B:]`` view 2,
+            in the order of ``ids_masked``; or, with ``projector_kernel``
+            left out, the projector outputs ``v`` themselves.
+        x: ``(2B, M, P)`` input patches at the same positions.
+        ids_masked: ``(2B, M)`` positions of those tokens.
+        ids_restore: ``(2B, N)`` from the masking (rank of each position in
+            the shuffle; a position is masked iff its rank >= ``num_visible``).
+        num_visible: ``K``, visible tokens per view.
+        projector_kernel, projector_bias: ``(F, d)`` and ``(d,)``.
+
+    Returns:
+        dict with ``cross``, ``in`` and ``v_std`` (float32 scalars).
+    """
+    f = ops.cast(features, "float32")
+    if projector_kernel is None:
+        d = f.shape[-1]
+        fa = f
+    else:
+        w = ops.cast(projector_kernel, "float32")
+        d = w.shape[-1]
+        if projector_bias is not None:
+            w = ops.concatenate([w, ops.cast(projector_bias, "float32")[None, :]], axis=0)
+            f = ops.concatenate([f, ops.ones_like(f[..., :1])], axis=-1)
+        fa = ops.matmul(f, ops.matmul(w, ops.transpose(w)))  # f~ A
+    sq = ops.maximum(ops.sum(fa * f, axis=-1), 0.0)  # |v|^2, (2B, M)
+    norms = ops.maximum(ops.sqrt(sq), 1e-12)
+
+    # L_in: every pair of listed tokens is a pair of masked positions.
+    m = f.shape[1]
+    cos_v = ops.matmul(fa, ops.transpose(f, (0, 2, 1))) / (norms[:, :, None] * norms[:, None, :])
+    off_diag = (1.0 - ops.eye(m, dtype="float32"))[None]
+    diff = ops.abs(cos_v - cosine_matrix(x)) * off_diag
+    batch2 = ops.shape(f)[0]
+    l_in = ops.sum(diff) / ops.maximum(ops.cast(batch2, "float32") * m * (m - 1), 1.0)
+
+    # L_cross: pair each view-1 token with the same position in view 2, if masked there.
+    b = batch2 // 2
+    rank2 = ops.take_along_axis(ids_restore[b:], ids_masked[:b], axis=1) - num_visible
+    co_masked = ops.cast(rank2 >= 0, "float32")
+    j = ops.maximum(rank2, 0)
+    from keras_lcmae.ops import take_tokens  # noqa: PLC0415 (ops imports nothing from here)
+
+    f2 = take_tokens(f[b:], j)
+    n2 = ops.take_along_axis(norms[b:], j, axis=1)
+    cos_x = ops.sum(fa[:b] * f2, axis=-1) / (norms[:b] * n2)
+    l_cross = ops.sum(co_masked * (1.0 - cos_x)) / ops.maximum(ops.sum(co_masked), 1.0)
+
+    # v_std = sqrt((E|u|^2 - |E u|^2) / d), u = v/|v|, from the same inner products.
+    fs, fas, ns, sqs = (ops.stop_gradient(t) for t in (f, fa, norms, sq))
+    count = ops.cast(batch2 * m, "float32")
+    mean_f = ops.sum(fs / ns[..., None], axis=(0, 1)) / count
+    mean_fa = ops.sum(fas / ns[..., None], axis=(0, 1)) / count
+    total_var = ops.sum(sqs / ops.square(ns)) / count - ops.sum(mean_f * mean_fa)
+    v_std = ops.sqrt(ops.maximum(total_var, 0.0) / d)
+    return {"cross": l_cross, "in": l_in, "v_std": v_std}

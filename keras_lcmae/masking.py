@@ -55,7 +55,8 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
     Returns:
         dict with ``x_masked`` ``(B, K, D)`` (visible tokens, in shuffled
         order), ``mask`` ``(B, N)`` float (1 = removed), ``ids_restore``
-        ``(B, N)`` int32 and ``ids_keep`` ``(B, K)`` int32, where
+        ``(B, N)`` int32, ``ids_keep`` ``(B, K)`` int32 and ``ids_masked``
+        ``(B, N - K)`` int32 (the removed positions, in shuffled order), where
         ``K = int(N * (1 - mask_ratio))``.
 
     Example:
@@ -79,4 +80,10 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
     # Position i is kept iff its rank in the shuffle is < len_keep; this equals
     # the official "ones, zero the first len_keep, unshuffle" construction.
     mask = ops.cast(ops.greater_equal(ids_restore, len_keep), "float32")
-    return {"x_masked": x_masked, "mask": mask, "ids_restore": ids_restore, "ids_keep": ids_keep}
+    return {
+        "x_masked": x_masked,
+        "mask": mask,
+        "ids_restore": ids_restore,
+        "ids_keep": ids_keep,
+        "ids_masked": ids_shuffle[:, len_keep:],
+    }

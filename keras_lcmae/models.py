@@ -12,15 +12,13 @@ from keras import ops
 from keras_lcmae.decoders import TransformerDecoder
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.losses import (
-    collapse_std,
-    cross_view_loss,
-    in_view_loss,
+    contrastive_terms,
     normalize_patches,
     patch_stats,
     reconstruction_loss,
 )
 from keras_lcmae.masking import num_visible, random_masking
-from keras_lcmae.ops import patchify, unpatchify
+from keras_lcmae.ops import patchify, take_tokens, unpatchify
 
 
 def _as_layer(obj, default_cls):
@@ -301,36 +299,67 @@ class LCMAE(MAE):
 
     def call(self, inputs, noise=None, training=None):
         """Returns the two views stacked on the batch axis (rows ``[:B]`` view 1,
-        ``[B:]`` view 2): ``pred``, ``mask``, ``ids_restore``, ``latent`` and
-        ``proj`` ``(2B, N, projector_dim)``."""
-        images, noise = unpack_inputs(inputs, noise)
-        noise = self._two_view_noise(noise, images.shape[0])
-        tokens = self.encoder.embed(images)  # patch embedding once for both views
-        tokens = ops.concatenate([tokens, tokens], axis=0)
-        masked = self.random_masking(tokens, noise)
-        latent = self.encoder.forward_tokens(masked["x_masked"], training=training)
-        decoded = self.forward_decoder(latent, masked["ids_restore"], training=training)
-        features = decoded["pred"] if self.projector_input == "pred" else decoded["hidden"]
+        ``[B:]`` view 2): ``pred``, ``mask``, ``ids_restore``, ``latent``,
+        ``ids_masked`` ``(2B, M)`` (the ``M = N - K`` masked positions, the only
+        ones the contrastive losses read) and ``features`` ``(2B, M, F)``, the
+        projector inputs there. ``model.project(out["features"])`` gives
+        ``v``; :meth:`project_all` gives ``v`` at every position."""
+        masked, latent, decoded, features = self._forward_views(inputs, noise, training)
         return {
             "pred": decoded["pred"],
             "mask": masked["mask"],
             "ids_restore": masked["ids_restore"],
             "latent": latent,
-            "proj": self.projector(features),
+            "ids_masked": masked["ids_masked"],
+            "features": take_tokens(features, masked["ids_masked"]),
         }
 
+    def _forward_views(self, inputs, noise, training):
+        images, noise = unpack_inputs(inputs, noise)
+        noise = self._two_view_noise(noise, images.shape[0])
+        tokens = self.encoder.embed(images)  # patch embedding once for both views
+        masked = self.random_masking(ops.concatenate([tokens, tokens], axis=0), noise)
+        latent = self.encoder.forward_tokens(masked["x_masked"], training=training)
+        decoded = self.forward_decoder(latent, masked["ids_restore"], training=training)
+        features = decoded["pred"] if self.projector_input == "pred" else decoded["hidden"]
+        return masked, latent, decoded, features
+
+    def project(self, features):
+        """The projector ``p``: ``v = p(features)``."""
+        return self.projector(features)
+
+    def project_all(self, images, noise=None):
+        """Projector outputs at **every** position of both views,
+        ``(2B, N, projector_dim)``, and the two views' ``mask`` ``(2B, N)``."""
+        masked, _, _, features = self._forward_views(images, noise, training=False)
+        return self.projector(features), masked["mask"]
+
     def lcmae_losses(self, images, outputs):
-        """The three loss terms and the collapse indicator for ``outputs`` of
-        :meth:`call` on ``images``."""
+        """The three loss terms and the collapse indicator (``v_std``) for the
+        ``outputs`` of :meth:`call` on ``images``.
+
+        The contrastive terms come from :func:`keras_lcmae.losses.contrastive_terms`
+        on the masked tokens; when the projector widens its input (the default:
+        ``p*p*C`` or the decoder width into 1024), its outputs are never
+        materialised and the cosines are computed through ``W W^T``. The values
+        equal Eq. 5 and Eq. 6 on the full ``(2B, N, d)`` outputs.
+        """
         patches = patchify(images, self.encoder.patch_size)
         patches2 = ops.concatenate([patches, patches], axis=0)
-        mask, proj = outputs["mask"], outputs["proj"]
-        b = ops.shape(images)[0]
+        mask, ids_masked = outputs["mask"], outputs["ids_masked"]
         l_mae = reconstruction_loss(outputs["pred"], patches2, mask, self.norm_pix_loss)
-        l_cross = cross_view_loss(proj[:b], proj[b:], mask[:b], mask[b:])
         x = normalize_patches(patches2) if self.in_view_target == "norm_pixels" else patches2
-        l_in = in_view_loss(proj, x, mask)
-        return {"mae": l_mae, "cross": l_cross, "in": l_in, "v_std": collapse_std(proj)}
+        features = outputs["features"]
+        num_visible_ = mask.shape[1] - ids_masked.shape[1]
+        if features.shape[-1] + 1 < self.projector_dim:
+            kernel, bias = self.projector.kernel, self.projector.bias
+        else:
+            features, kernel, bias = self.projector(features), None, None
+        terms = contrastive_terms(
+            features, take_tokens(x, ids_masked), ids_masked, outputs["ids_restore"], num_visible_, kernel, bias
+        )
+        terms["mae"] = l_mae
+        return terms
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         images, _ = unpack_inputs(x)
@@ -340,7 +369,7 @@ class LCMAE(MAE):
         self.loss_mae_tracker.update_state(terms["mae"])
         self.loss_cross_tracker.update_state(terms["cross"])
         self.loss_in_tracker.update_state(terms["in"])
-        self.v_std_tracker.update_state(ops.stop_gradient(terms["v_std"]))
+        self.v_std_tracker.update_state(terms["v_std"])
         return self._add_regularization(total)
 
     def reconstruct(self, images, noise=None):

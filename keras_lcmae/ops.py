@@ -155,6 +155,16 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
 
 
 def take_tokens(x, ids):
-    """Gathers tokens along axis 1: ``x (B, N, D)``, ``ids (B, K)`` -> ``(B, K, D)``."""
-    ids = ops.expand_dims(ops.cast(ids, "int32"), -1)
-    return ops.take_along_axis(x, ids, axis=1)
+    """Gathers tokens along axis 1: ``x (B, N, D)``, ``ids (B, K)`` -> ``(B, K, D)``.
+
+    Written as one row gather on the flattened ``(B*N, D)`` tensor: every
+    backend does that natively (``tf.gather``, ``jnp.take``,
+    ``index_select``), whereas ``take_along_axis`` with broadcast indices
+    becomes a per-element gather behind two transposes on TensorFlow.
+    """
+    b = ops.shape(x)[0]
+    n, d = x.shape[1], x.shape[2]
+    k = ids.shape[1]
+    offsets = ops.expand_dims(ops.arange(b, dtype="int32") * n, -1)
+    rows = ops.reshape(ops.cast(ids, "int32") + offsets, (-1,))
+    return ops.reshape(ops.take(ops.reshape(x, (-1, d)), rows, axis=0), (b, k, d))

@@ -40,7 +40,7 @@ def run_setting(setting, images, steps, batch_size, lr, seed, projector_dim=64):
 
     def indicator():
         out = model(probe, noise=noise, training=False)
-        return float(keras.ops.convert_to_numpy(collapse_std(out["proj"])))
+        return float(keras.ops.convert_to_numpy(collapse_std(model.project(out["features"]))))
 
     start = indicator()
     model.compile(optimizer=keras.optimizers.AdamW(lr, beta_1=0.9, beta_2=0.95, weight_decay=0.05))

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Training-step throughput and peak memory of MAE / LC-MAE, side by side with
+transformers' PyTorch ViTMAE on the same configuration.
+
+Every measurement runs in its own process (Keras fixes its backend at import;
+peak memory is per process) and prints one JSON line; ratios measured in the
+same run follow. Throughput is the median over timed steps after warm-up of
+``train_on_batch`` on one fixed batch, in images per second (LC-MAE counts
+each image once although it runs two views).
+
+    python tools/benchmark.py --configs tiny32 --methods mae,lcmae --backends tensorflow,jax,torch
+    python tools/benchmark.py --configs base224 --methods mae --reference
+
+Configs: ``tiny32`` (ViT 192 x 12, 3 heads, 32 px, patch 4, decoder 128 x 2
+with 4 heads, batch 64), ``base224`` (ViT-B/16 at 224, decoder 512 x 8 with 16
+heads, batch 8), ``test`` (seconds-long smoke size).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = {
+    "test": dict(image=32, patch=8, width=32, depth=2, heads=2, dec_width=32, dec_depth=1, dec_heads=2, batch=8),
+    "tiny32": dict(image=32, patch=4, width=192, depth=12, heads=3, dec_width=128, dec_depth=2, dec_heads=4, batch=64),
+    "base224": dict(image=224, patch=16, width=768, depth=12, heads=12, dec_width=512, dec_depth=8, dec_heads=16, batch=8),
+}
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_steps(step, warmup, steps):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def build_model(method, c):
+    from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
+
+    encoder = ViTEncoder(image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"], num_heads=c["heads"])
+    decoder = TransformerDecoder(c["dec_width"], c["dec_depth"], c["dec_heads"])
+    if method == "mae":
+        return MAE(encoder, decoder, mask_ratio=0.75, seed=0)
+    if method == "lcmae":
+        return LCMAE(encoder, decoder, projector_dim=1024, mask_ratio=0.75, seed=0)
+    raise ValueError(f"unknown method {method}")
+
+
+def keras_worker(args, methods):
+    """Times ``methods`` in one process, their steps interleaved (m1, m2, m1,
+    m2, ...) so that drift on a shared machine hits all of them alike."""
+    import keras
+    import numpy as np
+
+    c = CONFIGS[args.config]
+    if args.dtype == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
+    x = np.random.default_rng(0).random((c["batch"], c["image"], c["image"], 3)).astype("float32")
+    steps = {}
+    for method in methods:
+        model = build_model(method, c)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-4, beta_1=0.9, beta_2=0.95, weight_decay=0.05), jit_compile=jit)
+
+        def step(model=model):
+            logs = model.train_on_batch(x, return_dict=True)
+            float(logs["loss"])  # host sync
+
+        for _ in range(args.warmup):
+            step()
+        steps[method] = step
+    times = {m: [] for m in methods}
+    for _ in range(args.steps):
+        for method in methods:
+            t = time.perf_counter()
+            steps[method]()
+            times[method].append(time.perf_counter() - t)
+    return times, c["batch"]
+
+
+def reference_worker(args):
+    """transformers' ViTMAEForPreTraining in PyTorch, eager, same sizes."""
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    c = CONFIGS[args.config]
+    torch.manual_seed(0)
+    config = ViTMAEConfig(
+        image_size=c["image"], patch_size=c["patch"], num_channels=3, hidden_size=c["width"], num_hidden_layers=c["depth"],
+        num_attention_heads=c["heads"], intermediate_size=4 * c["width"], decoder_hidden_size=c["dec_width"],
+        decoder_num_hidden_layers=c["dec_depth"], decoder_num_attention_heads=c["dec_heads"],
+        decoder_intermediate_size=4 * c["dec_width"], mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6,
+    )
+    model = ViTMAEForPreTraining(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    x = torch.rand(c["batch"], 3, c["image"], c["image"])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(pixel_values=x).loss
+        loss.backward()
+        opt.step()
+        float(loss)
+
+    return time_steps(step, args.warmup, args.steps), c["batch"]
+
+
+def worker(args):
+    methods = args.method.split(",")
+    if args.backend == "hf_torch":
+        times, batch = reference_worker(args)
+        times = {"mae": times}
+        import torch
+
+        version = f"torch {torch.__version__}"
+    else:
+        times, batch = keras_worker(args, methods)
+        import keras
+
+        version = f"keras {keras.__version__} ({args.backend})"
+    for method, ts in times.items():
+        emit(args, method, ts, batch, version)
+
+
+def emit(args, method, times, batch, version):
+    median = statistics.median(times)
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "method": method,
+                "backend": args.backend,
+                "jit": args.jit,
+                "dtype": args.dtype,
+                "batch": batch,
+                "median_step_s": round(median, 5),
+                "images_per_s": round(batch / median, 2),
+                "steps_timed": len(times),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "version": version,
+            }
+        ),
+        flush=True,
+    )
+
+
+def spawn(config, method, backend, jit, dtype, warmup, steps):
+    """Runs one worker process; returns its JSON records (one per method)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", config, "--methods", method,
+           "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if backend != "hf_torch":
+        env["KERAS_BACKEND"] = backend
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return records or [{"config": config, "method": method, "backend": backend, "jit": jit, "error": proc.stderr.strip().splitlines()[-1:]}]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny32")
+    parser.add_argument("--methods", default="mae,lcmae")
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--jit", default="auto", help="on, off, auto, or a comma list (e.g. on,off)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (mixed), or a comma list")
+    parser.add_argument("--reference", action="store_true", help="also time transformers' ViTMAE (torch) for mae")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.config, args.method, args.backend = args.configs, args.methods, args.backends
+        worker(args)
+        return
+    results = []
+    for config in args.configs.split(","):
+        jobs = [(config, "mae", "hf_torch", "off", "float32")] if args.reference else []
+        for backend in args.backends.split(","):
+            for jit in args.jit.split(","):
+                for dtype in args.dtype.split(","):
+                    # all methods of one setting share a process (interleaved steps)
+                    jobs.append((config, args.methods, backend, jit, dtype))
+        for job in jobs:
+            for r in spawn(*job, args.warmup, args.steps):
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    ok = [r for r in results if "median_step_s" in r]
+    for r in ok:
+        if r["method"] != "lcmae":
+            continue
+        for m in ok:
+            if m["method"] == "mae" and all(m[k] == r[k] for k in ("config", "backend", "jit", "dtype")):
+                print(json.dumps({"ratio": "lcmae_step/mae_step", "config": r["config"], "backend": r["backend"],
+                                  "jit": r["jit"], "dtype": r["dtype"], "value": round(r["median_step_s"] / m["median_step_s"], 3)}))
+    refs = [r for r in ok if r["backend"] == "hf_torch"]
+    for ref in refs:
+        for m in ok:
+            if m["method"] == "mae" and m["backend"] != "hf_torch" and m["config"] == ref["config"]:
+                print(json.dumps({"ratio": "ours/hf_torch images_per_s", "config": m["config"], "backend": m["backend"],
+                                  "jit": m["jit"], "dtype": m["dtype"], "value": round(m["images_per_s"] / ref["images_per_s"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
