@@ -79,3 +79,297 @@ def fashion_mnist_for_vit(split="train", image_size=32, channels=1, limit=None, 
     x = np.pad(images, ((0, 0), (before, pad - before), (before, pad - before)))
     x = np.repeat(x[..., None], channels, axis=-1).astype("float32") / 255.0
     return x, labels.astype("int32")
+
+
+# ---------------------------------------------------------------------------
+# tf.data pipelines
+# ---------------------------------------------------------------------------
+import threading  # noqa: E402
+import warnings  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+class SkipCounter:
+    """Thread-safe record of the files a pipeline could not read."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.paths = set()
+        self._warned = 0
+
+    def add(self, path):
+        with self._lock:
+            self.paths.add(path)
+
+    @property
+    def count(self):
+        return len(self.paths)
+
+    def warn_if_new(self):
+        """One warning giving the count, when new files were skipped since the
+        last call."""
+        with self._lock:
+            n = len(self.paths)
+            if n > self._warned:
+                examples = ", ".join(sorted(self.paths)[:3])
+                warnings.warn(f"Skipped {n} unreadable image file(s) (e.g. {examples}).", stacklevel=2)
+                self._warned = n
+        return n
+
+
+def list_image_folder(root):
+    """``(paths, labels, class_names)`` of an image folder with one sub-folder
+    per class (sorted names -> labels 0..C-1), or of a flat folder of images
+    (one class). Files are matched by extension (jpg, jpeg, png, bmp, gif)."""
+    if not os.path.isdir(root):
+        raise ValueError(f"--data: {root!r} is not a folder.")
+    entries = sorted(os.listdir(root))
+    classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    paths, labels = [], []
+    if classes:
+        for label, name in enumerate(classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        paths.append(os.path.join(dirpath, f))
+                        labels.append(label)
+    else:
+        classes = [os.path.basename(os.path.normpath(root))]
+        paths = [os.path.join(root, f) for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)]
+        labels = [0] * len(paths)
+    if not paths:
+        raise ValueError(f"--data: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}.")
+    return paths, np.asarray(labels, np.int32), classes
+
+
+def read_image(path, channels=3):
+    """Decodes one image file with PIL into ``(H, W, channels)`` uint8: grey,
+    palette and CMYK files are converted, transparent ones composited over
+    black, GIFs give their first frame. Returns ``None`` for a file that cannot
+    be read (corrupt, truncated, empty, not an image)."""
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = "L" if channels == 1 else "RGB"
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img)
+            arr = np.asarray(img.convert(mode), np.uint8)
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for bad files
+        return None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        return None
+    return arr
+
+
+def _tf():
+    import tensorflow as tf  # noqa: PLC0415 - tf only where pipelines are built
+
+    return tf
+
+
+def image_folder_dataset(root, channels=3, skipped=None):
+    """A ``tf.data.Dataset`` of ``(uint8 image (H, W, channels), label)`` from an
+    image folder, decoded in parallel; unreadable files are dropped and
+    recorded in ``skipped`` (a :class:`SkipCounter`). Returns
+    ``(dataset, class_names, skipped, num_files)``."""
+    tf = _tf()
+    paths, labels, classes = list_image_folder(root)
+    skipped = skipped if skipped is not None else SkipCounter()
+
+    def load(path):
+        p = path.decode() if isinstance(path, bytes) else str(path)
+        arr = read_image(p, channels)
+        if arr is None:
+            skipped.add(p)
+            return np.zeros((1, 1, channels), np.uint8), False
+        return arr, True
+
+    def tf_load(path, label):
+        image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool])
+        image.set_shape([None, None, channels])
+        ok.set_shape([])
+        return image, label, ok
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda image, label, ok: ok).map(lambda image, label, ok: (image, label))
+    return ds, classes, skipped, len(paths)
+
+
+TFRECORD_FEATURES = {
+    "image": "encoded image bytes (JPEG/PNG/BMP/GIF)",
+    "label": "int64 class index (optional; -1 when absent)",
+}
+
+
+def tfrecord_dataset(pattern, channels=3):
+    """``(uint8 image, label)`` from TFRecord files of ``tf.train.Example``
+    with the features of :data:`TFRECORD_FEATURES`. Undecodable records are
+    dropped (``ignore_errors``)."""
+    tf = _tf()
+    files = tf.io.gfile.glob(pattern)
+    if not files:
+        raise ValueError(f"--data: no TFRecord files match {pattern!r}.")
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    }
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        image = tf.io.decode_image(ex["image"], channels=channels, expand_animations=False)
+        return image, tf.cast(ex["label"], tf.int32)
+
+    ds = tf.data.TFRecordDataset(sorted(files), num_parallel_reads=tf.data.AUTOTUNE)
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+
+
+def tfds_dataset(name, split="train", channels=3, data_dir=None):
+    """A TFDS dataset already on disk (nothing is downloaded)."""
+    tf = _tf()
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError as e:
+        raise ValueError("--data tfds:NAME needs `pip install tensorflow-datasets`.") from e
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=False, as_supervised=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--data: TFDS dataset {name!r} ({split}) is not available offline: {e}") from None
+
+    def fix(image, label):
+        if image.shape[-1] != channels:
+            image = tf.image.rgb_to_grayscale(image) if channels == 1 else tf.image.grayscale_to_rgb(image)
+        return image, tf.cast(label, tf.int32)
+
+    return ds.map(fix, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def array_dataset(images, labels=None):
+    """``(image, label)`` from numpy arrays ``(n, H, W[, C])`` (uint8 or float in
+    [0, 1]); labels default to -1."""
+    tf = _tf()
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"images must be (n, H, W) or (n, H, W, C), got shape {images.shape}.")
+    if images.dtype != np.uint8:
+        images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+    labels = np.full(len(images), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+def random_resized_crop(image, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), seed=None):
+    """RandomResizedCrop (area fraction ``scale``, aspect ``ratio``, bicubic) on
+    one ``(H, W, C)`` image, as torchvision's; when 10 draws fail the whole
+    image is used (``sample_distorted_bounding_box``'s fallback)."""
+    tf = _tf()
+    shape = tf.shape(image)
+    bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
+    kwargs = dict(
+        bounding_boxes=bbox,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    if seed is None:
+        begin, crop, _ = tf.image.sample_distorted_bounding_box(shape, **kwargs)
+    else:
+        begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **kwargs)
+    image = tf.slice(image, begin, crop)
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bicubic")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def normalize(image, mean, std):
+    """uint8-range float image -> ``(x / 255 - mean) / std`` per channel."""
+    tf = _tf()
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def pretrain_transform(image_size, mean, std, scale=(0.2, 1.0)):
+    """The MAE pretraining augmentation: RandomResizedCrop(scale 0.2-1, ratio
+    3/4-4/3, bicubic), horizontal flip, mean/std normalisation. A function of
+    ``(image, seed)`` for ``Dataset.map``; ``seed`` is a ``(2,)`` int tensor."""
+    tf = _tf()
+
+    def transform(image, seed):
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        image = random_resized_crop(image, image_size, scale=scale, seed=seeds[0])
+        image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+        return normalize(image, mean, std)
+
+    return transform
+
+
+def eval_transform(image_size, mean, std):
+    """Resize (shorter side to size/0.875) and centre crop, then normalise."""
+    tf = _tf()
+
+    def transform(image):
+        image = tf.cast(image, tf.float32)
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        short = tf.cast(tf.minimum(h, w), tf.float32)
+        resize = tf.cast(tf.math.ceil(image_size / 0.875), tf.float32)
+        new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * resize / short), tf.int32)
+        new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * resize / short), tf.int32)
+        image = tf.image.resize(image, (new_h, new_w), method="bicubic")
+        image = tf.image.resize_with_crop_or_pad(image, image_size, image_size)
+        return normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)
+
+    return transform
+
+
+def batched_pretrain_dataset(
+    source,
+    batch_size,
+    image_size,
+    mean,
+    std,
+    seed=0,
+    shuffle_buffer=10_000,
+    drop_remainder=True,
+    repeat=True,
+    scale=(0.2, 1.0),
+    with_labels=False,
+):
+    """Shuffle -> augment (parallel, seeded per element) -> batch -> prefetch.
+
+    ``source`` yields ``(uint8 image, label)``. The result yields normalised
+    float32 ``(batch, size, size, C)`` images (with labels if asked).
+    """
+    tf = _tf()
+    transform = pretrain_transform(image_size, mean, std, scale)
+    ds = source
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    counter = tf.data.Dataset.counter()
+    ds = tf.data.Dataset.zip((ds, counter))
+
+    def augment(pair, index):
+        image, label = pair
+        out = transform(image, tf.stack([tf.cast(seed, tf.int64), index]))
+        return (out, label) if with_labels else out
+
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
