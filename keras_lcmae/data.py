@@ -277,6 +277,7 @@ def random_resized_crop(image, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), see
     one ``(H, W, C)`` image, as torchvision's; when 10 draws fail the whole
     image is used (``sample_distorted_bounding_box``'s fallback)."""
     tf = _tf()
+    channels = image.shape[-1]
     shape = tf.shape(image)
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
     kwargs = dict(
@@ -293,6 +294,7 @@ def random_resized_crop(image, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), see
         begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **kwargs)
     image = tf.slice(image, begin, crop)
     image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bicubic")
+    image.set_shape([size, size, channels])
     return tf.clip_by_value(image, 0.0, 255.0)
 
 

@@ -1,0 +1,117 @@
+"""Training callbacks: lr and throughput logging, reconstruction pictures in
+TensorBoard, periodic checkpoints, the skipped-files warning."""
+
+import os
+import time
+
+import keras
+import numpy as np
+
+
+class TrainingStats(keras.callbacks.Callback):
+    """Adds ``lr`` and ``images_per_s`` to each epoch's logs (place it before
+    the TensorBoard callback so they are written too)."""
+
+    def __init__(self, schedule, batch_size):
+        super().__init__()
+        self.schedule = schedule
+        self.batch_size = batch_size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        logs["images_per_s"] = self._steps * self.batch_size / seconds
+        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        logs["lr"] = float(keras.ops.convert_to_numpy(self.schedule(iterations)))
+
+
+class SkippedFilesWarning(keras.callbacks.Callback):
+    """One warning giving the count when the pipeline skipped unreadable files."""
+
+    def __init__(self, skipped):
+        super().__init__()
+        self.skipped = skipped
+
+    def on_epoch_end(self, epoch, logs=None):
+        n = self.skipped.warn_if_new()
+        if logs is not None:
+            logs["skipped_files"] = float(n)
+
+
+class PeriodicCheckpoint(keras.callbacks.Callback):
+    """Saves ``checkpoints/epoch_NNN.keras`` every ``every`` epochs (only when
+    the loss is finite, so a NaN never overwrites a good checkpoint)."""
+
+    def __init__(self, folder, every=1):
+        super().__init__()
+        self.folder = folder
+        self.every = max(int(every), 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every or not np.isfinite((logs or {}).get("loss", 0.0)):
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        self.model.save(os.path.join(self.folder, f"epoch_{epoch + 1:03d}.keras"))
+
+
+class ReconstructionImages(keras.callbacks.Callback):
+    """Writes an ``input | masked | reconstruction`` grid of a fixed batch to
+    TensorBoard at the end of each epoch (fixed noise, so epochs compare)."""
+
+    def __init__(self, log_dir, images, mean, std, max_images=8, seed=0):
+        super().__init__()
+        self.log_dir = log_dir
+        self.images = np.asarray(images)[:max_images]
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.seed = seed
+        self._writer = None
+
+    def grid(self):
+        model = self.model
+        n = model.encoder.num_patches
+        noise = np.random.default_rng(self.seed).random((len(self.images), n)).astype("float32")
+        recon, mask = model.reconstruct(self.images, noise=noise)
+        recon = keras.ops.convert_to_numpy(recon)
+        mask = keras.ops.convert_to_numpy(mask)
+        to_pixels = lambda x: np.clip(x * self.std + self.mean, 0.0, 1.0)  # noqa: E731
+        inputs = to_pixels(self.images)
+        masked = inputs * (1 - mask) + 0.5 * mask
+        rows = np.concatenate([inputs, masked, to_pixels(recon)], axis=2)  # side by side
+        return rows.reshape((-1,) + rows.shape[2:])[None]  # one tall picture
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "images"))
+        picture = self.grid()
+        if picture.shape[-1] == 1:
+            picture = np.repeat(picture, 3, axis=-1)
+        with self._writer.as_default():
+            tf.summary.image("reconstruction", picture, step=epoch)
+        self._writer.flush()
+
+
+def pretrain_callbacks(output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None):
+    """The callbacks of ``recipes/pretrain.py``, in the order they must run."""
+    callbacks = [TrainingStats(schedule, batch_size)]
+    if skipped is not None:
+        callbacks.append(SkippedFilesWarning(skipped))
+    callbacks += [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        PeriodicCheckpoint(os.path.join(output_dir, "checkpoints"), save_every),
+    ]
+    if preview is not None:
+        callbacks.append(ReconstructionImages(os.path.join(output_dir, "tensorboard"), preview, mean, std))
+    callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"), update_freq="epoch"))
+    return callbacks

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""MAE / LC-MAE pretraining: flags -> builders -> ``model.fit``.
+
+    python recipes/pretrain.py --flagfile=recipes/configs/demo_cpu.flags
+    python recipes/pretrain.py --data=/data/imagenet/train --model=vit_base --method=lcmae \
+        --setting=a --batch_size=1024 --epochs=100 --output_dir=runs/lcmae
+
+Every flag equals a constructor argument or a recipe knob. The run folder gets
+``flags.txt`` (resolved flags), ``model_config.json``, TensorBoard logs,
+``backup/`` (rerun the same command to resume after preemption), periodic
+checkpoints, ``encoder.keras`` and ``metrics.json``; the last stdout line is
+one JSON object with the final figures.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
+flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
+flags.DEFINE_integer("patch_size", 16, "Patch side in pixels.")
+flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).")
+flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge.")
+flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.")
+flags.DEFINE_integer("depth", None, "Override the preset's depth.")
+flags.DEFINE_integer("num_heads", None, "Override the preset's heads.")
+flags.DEFINE_enum("method", "lcmae", ["mae", "lcmae"], "Pretraining method.")
+flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.")
+flags.DEFINE_bool("norm_pix_loss", True, "Reconstruct per-patch normalised pixels.")
+flags.DEFINE_string("setting", "a", "LC-MAE loss setting a-g (Table 1).")
+flags.DEFINE_float("w_mae", None, "Explicit L_MAE weight (overrides --setting).")
+flags.DEFINE_float("w_cross", None, "Explicit L_cross weight (overrides --setting).")
+flags.DEFINE_float("w_in", None, "Explicit L_in weight (overrides --setting).")
+flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).")
+flags.DEFINE_integer("decoder_width", 512, "Decoder width.")
+flags.DEFINE_integer("decoder_heads", 16, "Decoder heads.")
+flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.")
+flags.DEFINE_enum("projector_input", "pred", ["pred", "hidden"], "What the projector reads.")
+flags.DEFINE_integer("batch_size", 4096, "Global batch size.")
+flags.DEFINE_integer("epochs", 400, "Epochs.")
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: dataset size // batch).")
+flags.DEFINE_float("blr", 1.5e-4, "Base lr; lr = blr * batch_size / 256.")
+flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
+flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
+flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
+flags.DEFINE_enum("strategy", "none", ["none", "mirrored"], "Distribution (TensorFlow backend).")
+flags.DEFINE_string("output_dir", "runs/pretrain", "Run folder.")
+flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
+flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.")
+
+
+def build_dataset(batch_size):
+    """Returns ``(dataset, num_images, channels, mean, std, skipped)``."""
+    from keras_lcmae import data
+
+    channels = FLAGS.channels
+    skipped = None
+    if FLAGS.data == "fashion_mnist":
+        channels = channels or 1
+        images, labels = data.load_fashion_mnist("train")
+        source = data.array_dataset(images if channels == 1 else np.repeat(images[..., None], 3, -1), labels)
+        n = len(images)
+        mean, std = (data.FASHION_MNIST_MEAN * channels, data.FASHION_MNIST_STD * channels)
+    else:
+        channels = channels or 3
+        mean, std = (data.IMAGENET_MEAN, data.IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
+        if FLAGS.data.startswith("tfds:"):
+            source = data.tfds_dataset(FLAGS.data[5:], channels=channels)
+            n = int(source.cardinality())
+        elif os.path.isdir(FLAGS.data):
+            source, _, skipped, n = data.image_folder_dataset(FLAGS.data, channels=channels)
+        elif "tfrecord" in FLAGS.data or "*" in FLAGS.data:
+            source = data.tfrecord_dataset(FLAGS.data, channels=channels)
+            n = None
+        else:
+            raise app.UsageError(f"--data: {FLAGS.data!r} is not fashion_mnist, a folder, tfds:NAME or a TFRecord glob.")
+    ds = data.batched_pretrain_dataset(source, batch_size, FLAGS.image_size, mean, std, seed=FLAGS.seed)
+    return ds, n, channels, mean, std, skipped
+
+
+def build_model(channels):
+    from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
+
+    encoder = ViTEncoder.from_preset(
+        FLAGS.model,
+        image_size=FLAGS.image_size,
+        patch_size=FLAGS.patch_size,
+        num_channels=channels,
+        hidden_dim=FLAGS.hidden_dim,
+        depth=FLAGS.depth,
+        num_heads=FLAGS.num_heads,
+    )
+    decoder = TransformerDecoder(FLAGS.decoder_width, FLAGS.decoder_depth, FLAGS.decoder_heads)
+    common = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed)
+    if FLAGS.method == "mae":
+        return MAE(encoder, decoder, **common)
+    weights = FLAGS.setting
+    explicit = (FLAGS.w_mae, FLAGS.w_cross, FLAGS.w_in)
+    if any(w is not None for w in explicit):
+        from keras_lcmae.models import resolve_loss_weights
+
+        base = resolve_loss_weights(FLAGS.setting)
+        weights = {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
+    return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=weights,
+                 projector_input=FLAGS.projector_input, **common)
+
+
+def validate_flags():
+    """Fails before any work with a message naming the flag."""
+    from keras_lcmae.masking import num_visible
+    from keras_lcmae.ops import grid_shape
+
+    try:
+        grid = grid_shape(FLAGS.image_size, FLAGS.patch_size)
+    except ValueError as e:
+        raise app.UsageError(f"--image_size/--patch_size: {e}") from None
+    try:
+        num_visible(grid[0] * grid[1], FLAGS.mask_ratio)
+    except ValueError as e:
+        raise app.UsageError(f"--mask_ratio: {e}") from None
+    from keras_lcmae.encoder import PRESETS
+
+    if FLAGS.model not in PRESETS:
+        raise app.UsageError(f"--model: unknown preset {FLAGS.model!r}; choose one of {sorted(PRESETS)}.")
+    if FLAGS.method == "lcmae" and FLAGS.setting.strip("()").lower() not in "abcdefg":
+        raise app.UsageError(f"--setting: unknown LC-MAE setting {FLAGS.setting!r}; choose a-g.")
+    for name in ("batch_size", "epochs"):
+        if getattr(FLAGS, name) < 1:
+            raise app.UsageError(f"--{name} must be >= 1.")
+    if FLAGS.data != "fashion_mnist" and not (
+        FLAGS.data.startswith("tfds:") or os.path.exists(FLAGS.data) or "*" in FLAGS.data
+    ):
+        raise app.UsageError(f"--data: {FLAGS.data!r} does not exist.")
+
+
+import numpy as np  # noqa: E402
+
+
+def main(argv):
+    del argv
+    validate_flags()
+    import keras
+
+    from keras_lcmae import optim
+    from keras_lcmae.callbacks import pretrain_callbacks
+
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.mixed_precision != "none":
+        keras.config.set_dtype_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[FLAGS.mixed_precision])
+    strategy = None
+    if FLAGS.strategy == "mirrored":
+        import tensorflow as tf
+
+        if keras.backend.backend() != "tensorflow":
+            raise app.UsageError("--strategy=mirrored needs KERAS_BACKEND=tensorflow.")
+        strategy = tf.distribute.MirroredStrategy()
+        if FLAGS.batch_size % strategy.num_replicas_in_sync:
+            raise app.UsageError(
+                f"--batch_size={FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas."
+            )
+    ds, n, channels, mean, std, skipped = build_dataset(FLAGS.batch_size)
+    steps = FLAGS.steps_per_epoch or (n // FLAGS.batch_size if n else None)
+    if not steps:
+        raise app.UsageError("--steps_per_epoch is needed: the dataset size is unknown or smaller than a batch.")
+    if n:
+        steps = min(steps, max(n // FLAGS.batch_size, 1)) if FLAGS.steps_per_epoch is None else steps
+    lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
+    total = steps * FLAGS.epochs
+    warmup = int(round(FLAGS.warmup_epochs * steps))
+    schedule = optim.WarmupCosine(lr, min(warmup, total), total, FLAGS.min_lr)
+    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=min(warmup, total), images=n)
+    print(json.dumps({"derived": derived}), flush=True)
+
+    def build_and_compile():
+        model = build_model(channels)
+        jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
+        model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay), jit_compile=jit)
+        return model
+
+    if strategy is not None:
+        with strategy.scope():
+            model = build_and_compile()
+    else:
+        model = build_and_compile()
+    with open(os.path.join(FLAGS.output_dir, "flags.txt"), "w") as f:
+        f.write(FLAGS.flags_into_string())
+    with open(os.path.join(FLAGS.output_dir, "model_config.json"), "w") as f:
+        json.dump({"config": model.get_config(), "derived": derived}, f, indent=1, default=str)
+    preview = next(iter(ds.take(1)))
+    preview = keras.ops.convert_to_numpy(preview[0] if isinstance(preview, tuple) else preview)
+    callbacks = pretrain_callbacks(
+        FLAGS.output_dir, model, schedule, FLAGS.batch_size, FLAGS.save_every, skipped, preview, mean, std
+    )
+    start = time.time()
+    history = model.fit(ds, epochs=FLAGS.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=2)
+    seconds = time.time() - start
+    model.encoder.save(os.path.join(FLAGS.output_dir, "encoder.keras"))
+    final = {k: float(v[-1]) for k, v in history.history.items()}
+    final.update(
+        epochs_run=len(history.history.get("loss", [])),
+        seconds=round(seconds, 1),
+        skipped_files=skipped.count if skipped else 0,
+        encoder=os.path.join(FLAGS.output_dir, "encoder.keras"),
+    )
+    with open(os.path.join(FLAGS.output_dir, "metrics.json"), "w") as f:
+        json.dump({"final": final, "history": history.history, "derived": derived}, f, indent=1, default=float)
+    print(json.dumps(final), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
