@@ -194,3 +194,17 @@ def test_presets_have_the_standard_sizes():
         kw = preset_kwargs(name)
         assert (kw["hidden_dim"], kw["depth"], kw["num_heads"]) == (width, depth, heads)
     assert ViTEncoder.from_preset("vit_test", patch_size=4).num_patches == 64
+
+
+def test_fresh_model_position_tables_are_official():
+    from tests.test_ops import official_sincos
+
+    mae = MAE(
+        ViTEncoder(image_size=32, patch_size=4, hidden_dim=48, depth=1, num_heads=2),
+        TransformerDecoder(hidden_dim=64, depth=1, num_heads=2),
+    )
+    np.testing.assert_allclose(to_np(mae.encoder.pos_embed)[0], official_sincos(48, 8, cls_token=True), atol=1e-6)
+    np.testing.assert_allclose(to_np(mae.decoder.decoder_pos_embed)[0], official_sincos(64, 8, cls_token=True), atol=1e-6)
+    assert not mae.encoder.pos_embed.trainable and not mae.decoder.decoder_pos_embed.trainable
+    # tokens are N(0, 0.02)
+    assert 0.005 < float(np.std(to_np(mae.encoder.cls_token))) < 0.05
