@@ -13,8 +13,8 @@ the MAE model that owns the decoder fills it in from its encoder.
 import keras
 from keras import ops
 
-from keras_lcmae.layers import LAYER_NORM_EPSILON, Block, layer_norm
-from keras_lcmae.ops import get_2d_sincos_pos_embed, take_tokens, to_2tuple
+from keras_lcmae.layers import LAYER_NORM_EPSILON, Block, add_sincos_table, add_token, layer_norm, run_blocks
+from keras_lcmae.ops import take_tokens, to_2tuple
 
 
 class _Decoder(keras.layers.Layer):
@@ -128,13 +128,8 @@ class TransformerDecoder(_Decoder):
         self._check_geometry()
         w = self.hidden_dim
         self.decoder_embed.build((None, None, self.input_dim))
-        self.mask_token = self.add_weight(
-            shape=(1, 1, w), initializer=keras.initializers.RandomNormal(stddev=0.02), name="mask_token"
-        )
-        self.decoder_pos_embed = self.add_weight(
-            shape=(1, self.num_patches + 1, w), initializer="zeros", trainable=False, name="decoder_pos_embed"
-        )
-        self.decoder_pos_embed.assign(get_2d_sincos_pos_embed(w, self.grid_size, cls_token=True)[None])
+        self.mask_token = add_token(self, "mask_token", w)
+        self.decoder_pos_embed = add_sincos_table(self, "decoder_pos_embed", w, self.grid_size)
         for block in self.blocks:
             block.build((None, None, w))
         self.decoder_norm.build((None, None, w))
@@ -146,13 +141,7 @@ class TransformerDecoder(_Decoder):
         x = self.decoder_embed(latent)
         x = self.unshuffle(x, self.mask_token, ids_restore)
         x = x + ops.cast(self.decoder_pos_embed, x.dtype)
-        attentions = []
-        for block in self.blocks:
-            if return_attention:
-                x, attn = block(x, training=training, return_attention=True)
-                attentions.append(attn)
-            else:
-                x = block(x, training=training)
+        x, attentions = run_blocks(self.blocks, x, training, return_attention)
         hidden = self.decoder_norm(x)[:, 1:]
         out = {"pred": self.decoder_pred(hidden), "hidden": hidden}
         if return_attention:

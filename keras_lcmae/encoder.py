@@ -8,10 +8,13 @@ from keras_lcmae.layers import (
     LAYER_NORM_EPSILON,
     Block,
     PatchEmbed,
+    add_sincos_table,
+    add_token,
     layer_norm,
+    run_blocks,
     validate_image_shape,
 )
-from keras_lcmae.ops import get_2d_sincos_pos_embed, grid_shape, to_2tuple
+from keras_lcmae.ops import grid_shape, to_2tuple
 
 # Widths, depths and heads of the standard ViTs (Dosovitskiy et al.; DeiT for
 # tiny/small). `vit_test` is a toy size for unit tests and CPU demos.
@@ -125,15 +128,8 @@ class ViTEncoder(keras.Model):
         if self.built:
             return
         d = self.hidden_dim
-        self.cls_token = self.add_weight(
-            shape=(1, 1, d),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
-            name="cls_token",
-        )
-        self.pos_embed = self.add_weight(
-            shape=(1, self.num_patches + 1, d), initializer="zeros", trainable=False, name="pos_embed"
-        )
-        self.pos_embed.assign(get_2d_sincos_pos_embed(d, self.grid_size, cls_token=True)[None])
+        self.cls_token = add_token(self, "cls_token", d)
+        self.pos_embed = add_sincos_table(self, "pos_embed", d, self.grid_size)
         self.patch_embed.build((None, *self.image_size, self.num_channels))
         for block in self.blocks:
             block.build((None, None, d))
@@ -164,13 +160,7 @@ class ViTEncoder(keras.Model):
         cls = ops.cast(self.cls_token + self.pos_embed[:, :1, :], x.dtype)
         cls = ops.broadcast_to(cls, (ops.shape(x)[0], 1, self.hidden_dim))
         x = ops.concatenate([cls, x], axis=1)
-        attentions = []
-        for block in self.blocks:
-            if return_attention:
-                x, attn = block(x, training=training, return_attention=True)
-                attentions.append(attn)
-            else:
-                x = block(x, training=training)
+        x, attentions = run_blocks(self.blocks, x, training, return_attention)
         if self.norm is not None:
             x = self.norm(x)
         return (x, attentions) if return_attention else x

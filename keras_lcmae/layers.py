@@ -231,3 +231,35 @@ def validate_image_shape(shape, image_size, num_channels, who):
             f"(input shape {tuple(shape)}); resize the images or build the model with "
             f"image_size=({shape[1]}, {shape[2]})."
         )
+
+
+def run_blocks(blocks, x, training=None, return_attention=False):
+    """Runs Transformer blocks in order; returns ``(x, attentions)`` where
+    ``attentions`` lists each block's ``(B, heads, T, T)`` weights when asked
+    (else it is empty)."""
+    attentions = []
+    for block in blocks:
+        if return_attention:
+            x, attn = block(x, training=training, return_attention=True)
+            attentions.append(attn)
+        else:
+            x = block(x, training=training)
+    return x, attentions
+
+
+def add_token(layer, name, dim):
+    """A learned ``(1, 1, dim)`` token initialised N(0, 0.02) (official MAE)."""
+    return layer.add_weight(
+        shape=(1, 1, dim), initializer=keras.initializers.RandomNormal(stddev=0.02), name=name
+    )
+
+
+def add_sincos_table(layer, name, dim, grid_size):
+    """A fixed (non-trainable) ``(1, 1 + rows*cols, dim)`` 2-D sin-cos table
+    with the zero ``[CLS]`` row; a loaded checkpoint overwrites it."""
+    from keras_lcmae.ops import get_2d_sincos_pos_embed  # noqa: PLC0415
+
+    rows, cols = grid_size
+    table = layer.add_weight(shape=(1, rows * cols + 1, dim), initializer="zeros", trainable=False, name=name)
+    table.assign(get_2d_sincos_pos_embed(dim, grid_size, cls_token=True)[None])
+    return table

@@ -208,3 +208,16 @@ def test_fresh_model_position_tables_are_official():
     assert not mae.encoder.pos_embed.trainable and not mae.decoder.decoder_pos_embed.trainable
     # tokens are N(0, 0.02)
     assert 0.005 < float(np.std(to_np(mae.encoder.cls_token))) < 0.05
+
+
+def test_attention_maps_on_request_do_not_change_outputs(rng):
+    mae = tiny_mae()
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    tokens = mae.encoder.embed(x)
+    plain = to_np(mae.encoder.forward_tokens(tokens))
+    out, maps = mae.encoder.forward_tokens(tokens, return_attention=True)
+    np.testing.assert_allclose(to_np(out), plain, atol=1e-5)
+    assert len(maps) == 2 and tuple(maps[0].shape) == (2, 2, 17, 17)
+    ids = np.tile(np.arange(16), (2, 1))
+    dec = mae.decoder(mae.encoder.forward_tokens(tokens), ids, return_attention=True)
+    assert len(dec["attention"]) == 1 and tuple(dec["attention"][0].shape) == (2, 2, 17, 17)
