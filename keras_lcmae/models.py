@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from keras_lcmae.decoders import TransformerDecoder
+from keras_lcmae.distribute import scale_loss_for_replicas
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.losses import (
     contrastive_terms,
@@ -125,9 +126,11 @@ class MAE(keras.Model):
         return self._add_regularization(loss)
 
     def _add_regularization(self, loss):
+        """Adds layer regularisation losses and scales for ``tf.distribute``
+        replicas (what Keras' default ``compute_loss`` does)."""
         if self.losses:
             loss = loss + ops.sum(ops.stack([ops.cast(l, "float32") for l in self.losses]))
-        return loss
+        return scale_loss_for_replicas(loss)
 
     def reconstruct(self, images, noise=None):
         """Images rebuilt from the visible patches plus the predictions (the
@@ -291,9 +294,14 @@ class LCMAE(MAE):
             if len(noise) != 2:
                 raise ValueError("noise for LCMAE is a pair (noise_view1, noise_view2) or a (2B, N) array.")
             return ops.concatenate([ops.convert_to_tensor(n) for n in noise], axis=0)
+        if len(noise.shape) == 3:  # (B, 2, N): per sample, safe to split across replicas
+            if noise.shape[1] != 2:
+                raise ValueError(f"per-sample LCMAE noise must be (B, 2, N), got {tuple(noise.shape)}.")
+            return ops.concatenate([noise[:, 0], noise[:, 1]], axis=0)
         if batch is not None and noise.shape[0] is not None and noise.shape[0] != 2 * batch:
             raise ValueError(
-                f"LCMAE needs noise for two views: shape (2*{batch}, N) or a pair of (B, N); got {tuple(noise.shape)}."
+                f"LCMAE needs noise for two views: shape (2*{batch}, N), (B, 2, N) or a pair of (B, N); "
+                f"got {tuple(noise.shape)}."
             )
         return noise
 

@@ -253,3 +253,14 @@ def test_cross_view_alone_collapses_on_real_images():
     assert results["c"]["v_std_end"] < 0.03, results["c"]
     for s in "abe":
         assert results[s]["v_std_end"] > 0.06, results[s]
+
+
+def test_per_sample_two_view_noise(rng):
+    model = tiny_lcmae()
+    x = rng.random((3, 32, 32, 3)).astype("float32")
+    n1, n2 = rng.random((3, 16)).astype("float32"), rng.random((3, 16)).astype("float32")
+    a = model(x, noise=(n1, n2))
+    b = model({"images": x, "noise": np.stack([n1, n2], axis=1)})
+    np.testing.assert_array_equal(to_np(a["mask"]), to_np(b["mask"]))
+    with pytest.raises(ValueError, match=r"\(B, 2, N\)"):
+        model(x, noise=np.zeros((3, 3, 16), "float32"))
