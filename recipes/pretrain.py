@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -139,9 +140,6 @@ def validate_flags():
         FLAGS.data.startswith("tfds:") or os.path.exists(FLAGS.data) or "*" in FLAGS.data
     ):
         raise app.UsageError(f"--data: {FLAGS.data!r} does not exist.")
-
-
-import numpy as np  # noqa: E402
 
 
 def main(argv):
