@@ -7,6 +7,8 @@ All losses are computed in float32 whatever the compute dtype.
 
 from keras import ops
 
+from keras_lcmae.ops import take_tokens
+
 
 def _check_rank(name, tensor, rank):
     if len(tensor.shape) != rank:
@@ -76,15 +78,10 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss=True):
     return ops.sum(per_patch * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
-def l2_normalize(x, axis=-1, eps=1e-12):
-    """``x / max(||x||, eps)`` (as ``torch.nn.functional.normalize``): an all-zero
-    vector stays zero, so its cosine with anything is 0."""
-    x = ops.cast(x, "float32")
-    return x / _norms(x, axis, eps, keepdims=True)
-
-
-def _norms(x, axis=-1, eps=1e-12, keepdims=False):
-    return ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=keepdims)), eps)
+def _norms(x, axis=-1, eps=1e-12):
+    """``max(||x||, eps)``, as ``torch.nn.functional.normalize`` divides by: an
+    all-zero vector then has cosine 0 with anything."""
+    return ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis)), eps)
 
 
 def cross_view_loss(v1, v2, mask1, mask2):
@@ -138,7 +135,7 @@ def in_view_loss(v, x, mask):
     of the input patches. For two views, concatenate them on the batch axis
     (each image has the same number of masked pairs in each view, so this is
     the mean of the two views' losses). Passing only the masked tokens with an
-    all-ones mask gives the same value for less work (``LCMAE`` does).
+    all-ones mask gives the same value for less work.
 
     Args:
         v: ``(B, N, d)`` projector outputs.
@@ -243,8 +240,6 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
     rank2 = ops.take_along_axis(ids_restore[b:], ids_masked[:b], axis=1) - num_visible
     co_masked = ops.cast(rank2 >= 0, "float32")
     j = ops.maximum(rank2, 0)
-    from keras_lcmae.ops import take_tokens  # noqa: PLC0415 (ops imports nothing from here)
-
     f2 = take_tokens(f[b:], j)
     n2 = ops.take_along_axis(norms[b:], j, axis=1)
     cos_x = ops.sum(fa[:b] * f2, axis=-1) / (norms[:b] * n2)

@@ -123,9 +123,9 @@ class MAE(keras.Model):
         images, _ = unpack_inputs(x)
         loss = self.forward_loss(images, y_pred["pred"], y_pred["mask"])
         self.loss_mae_tracker.update_state(loss)
-        return self._add_regularization(loss)
+        return self._finalize_loss(loss)
 
-    def _add_regularization(self, loss):
+    def _finalize_loss(self, loss):
         """Adds layer regularisation losses and scales for ``tf.distribute``
         replicas (what Keras' default ``compute_loss`` does)."""
         if self.losses:
@@ -378,7 +378,7 @@ class LCMAE(MAE):
         self.loss_cross_tracker.update_state(terms["cross"])
         self.loss_in_tracker.update_state(terms["in"])
         self.v_std_tracker.update_state(terms["v_std"])
-        return self._add_regularization(total)
+        return self._finalize_loss(total)
 
     def reconstruct(self, images, noise=None):
         """Reconstruction of view 1 (see :meth:`MAE.reconstruct`)."""
