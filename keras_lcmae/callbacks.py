@@ -1,6 +1,7 @@
 """Training callbacks: lr and throughput logging, reconstruction pictures in
 TensorBoard, periodic checkpoints, the skipped-files warning."""
 
+import json
 import os
 import time
 
@@ -62,6 +63,34 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         self.model.save(os.path.join(self.folder, f"epoch_{epoch + 1:03d}.keras"))
 
 
+class StopAtStep(keras.callbacks.Callback):
+    """Stops training once the optimizer has taken ``total_steps`` steps.
+
+    After a resume from a mid-epoch backup, Keras replays the interrupted
+    epoch from its first batch while the optimizer step (and so the lr
+    schedule) continues from the backup; this keeps the run at exactly the
+    planned number of steps (the last epoch is then shorter)."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = int(total_steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.total_steps:
+            self.model.stop_training = True
+
+
+class ResumeReport(keras.callbacks.Callback):
+    """Prints one JSON line ``{"resumed": {"epoch": E, "step": S}}`` when
+    training starts from a backup (place it after ``BackupAndRestore``)."""
+
+    def on_train_begin(self, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step:
+            epoch = int(getattr(self.model, "_initial_epoch", None) or 0)
+            print(json.dumps({"resumed": {"epoch": epoch, "step": step}}), flush=True)
+
+
 class ReconstructionImages(keras.callbacks.Callback):
     """Writes an ``input | masked | reconstruction`` grid of a fixed batch to
     TensorBoard at the end of each epoch (fixed noise, so epochs compare)."""
@@ -101,16 +130,29 @@ class ReconstructionImages(keras.callbacks.Callback):
         self._writer.flush()
 
 
-def pretrain_callbacks(output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None):
-    """The callbacks of ``recipes/pretrain.py``, in the order they must run."""
+def pretrain_callbacks(
+    output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None,
+    backup_every=0, total_steps=None,
+):
+    """The callbacks of ``recipes/pretrain.py``, in the order they must run.
+
+    ``backup_every``: steps between preemption backups in ``output_dir/backup``
+    (0: at each epoch end). Two generations are kept, so a kill during a
+    write falls back to the previous one. ``total_steps`` stops the run at
+    exactly that many optimizer steps (see :class:`StopAtStep`)."""
     callbacks = [TrainingStats(schedule, batch_size)]
     if skipped is not None:
         callbacks.append(SkippedFilesWarning(skipped))
     callbacks += [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(output_dir, "backup"), save_freq=int(backup_every) or "epoch", double_checkpoint=True
+        ),
+        ResumeReport(),
         PeriodicCheckpoint(os.path.join(output_dir, "checkpoints"), save_every),
     ]
+    if total_steps:
+        callbacks.append(StopAtStep(total_steps))
     if preview is not None:
         callbacks.append(ReconstructionImages(os.path.join(output_dir, "tensorboard"), preview, mean, std))
     callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"), update_freq="epoch"))

@@ -7,6 +7,7 @@ All losses are computed in float32 whatever the compute dtype.
 
 from keras import ops
 
+from keras_lcmae.distribute import global_mean
 from keras_lcmae.ops import take_tokens
 
 
@@ -113,7 +114,7 @@ def cross_view_loss(v1, v2, mask1, mask2):
     # cos from the dot product and the two norms: no normalised copy of the
     # (B, N, d) tensors is made.
     cos = ops.sum(v1 * v2, axis=-1) / (_norms(v1) * _norms(v2))
-    return ops.sum(both * (1.0 - cos)) / ops.maximum(ops.sum(both), 1.0)
+    return global_mean(ops.sum(both * (1.0 - cos)), ops.sum(both))
 
 
 def cosine_matrix(x):
@@ -243,7 +244,8 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
     f2 = take_tokens(f[b:], j)
     n2 = ops.take_along_axis(norms[b:], j, axis=1)
     cos_x = ops.sum(fa[:b] * f2, axis=-1) / (norms[:b] * n2)
-    l_cross = ops.sum(co_masked * (1.0 - cos_x)) / ops.maximum(ops.sum(co_masked), 1.0)
+    # the co-masked count differs between replicas: normalise by the global one
+    l_cross = global_mean(ops.sum(co_masked * (1.0 - cos_x)), ops.sum(co_masked))
 
     # v_std = sqrt((E|u|^2 - |E u|^2) / d), u = v/|v|, from the same inner products.
     fs, fas, ns, sqs = (ops.stop_gradient(t) for t in (f, fa, norms, sq))

@@ -11,6 +11,7 @@ same mask.
 import keras
 from keras import ops
 
+from keras_lcmae.distribute import replica_uniform
 from keras_lcmae.ops import take_tokens
 
 
@@ -68,7 +69,7 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
     n = x.shape[1]
     len_keep = num_visible(n, mask_ratio)
     if noise is None:
-        noise = keras.random.uniform(ops.shape(x)[:2], seed=seed)
+        noise = replica_uniform(ops.shape(x)[:2], seed)  # distinct per tf.distribute replica
     elif tuple(noise.shape[1:]) != (n,):
         raise ValueError(
             f"noise must have shape (batch, {n}) to mask {n} patches, got {tuple(noise.shape)}."

@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from keras_lcmae.decoders import TransformerDecoder
-from keras_lcmae.distribute import scale_loss_for_replicas
+from keras_lcmae.distribute import scale_loss_for_replicas, step_logs
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.losses import (
     contrastive_terms,
@@ -124,6 +124,10 @@ class MAE(keras.Model):
         loss = self.forward_loss(images, y_pred["pred"], y_pred["mask"])
         self.loss_mae_tracker.update_state(loss)
         return self._finalize_loss(loss)
+
+    def get_metrics_result(self):
+        # (works around a Keras multi-worker reduction bug; see distribute.step_logs)
+        return step_logs(super().get_metrics_result())
 
     def _finalize_loss(self, loss):
         """Adds layer regularisation losses and scales for ``tf.distribute``

@@ -52,10 +52,17 @@ flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
 flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
-flags.DEFINE_enum("strategy", "none", ["none", "mirrored"], "Distribution (TensorFlow backend).")
+flags.DEFINE_enum(
+    "strategy", "none", ["none", "mirrored", "multiworker", "tpu", "data_parallel"],
+    "Distribution: mirrored / multiworker (TF_CONFIG) / tpu on TensorFlow, data_parallel on JAX.",
+)
+flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
+flags.DEFINE_integer("host_devices", None, "Split the CPU into this many logical devices (try distribution on a laptop).")
 flags.DEFINE_string("output_dir", "runs/pretrain", "Run folder.")
 flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
 flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.")
+flags.DEFINE_integer("backup_every", 0, "Steps between preemption backups (0: at each epoch end).")
+flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the derived values; do not train.")
 
 
 def build_dataset(batch_size):
@@ -142,74 +149,94 @@ def validate_flags():
         raise app.UsageError(f"--data: {FLAGS.data!r} does not exist.")
 
 
+def setup_distribution():
+    """Returns the :class:`keras_lcmae.distribute.Setup` of ``--strategy``."""
+    from keras_lcmae import distribute
+
+    if FLAGS.host_devices:
+        try:
+            distribute.split_host_devices(FLAGS.host_devices)
+        except (ValueError, RuntimeError) as e:
+            raise app.UsageError(f"--host_devices: {e}") from None
+    try:
+        dist = distribute.setup(FLAGS.strategy, tpu=FLAGS.tpu)
+    except ValueError as e:
+        raise app.UsageError(f"--strategy={FLAGS.strategy}: {e}") from None
+    if FLAGS.batch_size % dist.num_replicas:
+        raise app.UsageError(
+            f"--batch_size={FLAGS.batch_size} is not divisible by the {dist.num_replicas} replicas of "
+            f"--strategy={FLAGS.strategy}."
+        )
+    return dist
+
+
 def main(argv):
     del argv
     validate_flags()
+    dist = setup_distribution()
     import keras
 
     from keras_lcmae import optim
     from keras_lcmae.callbacks import pretrain_callbacks
 
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    # Non-chief workers of a multi-worker run keep their own backups and logs.
+    output_dir = FLAGS.output_dir if dist.is_chief else os.path.join(FLAGS.output_dir, "workers", dist.worker)
+    os.makedirs(output_dir, exist_ok=True)
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision != "none":
         keras.config.set_dtype_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[FLAGS.mixed_precision])
-    strategy = None
-    if FLAGS.strategy == "mirrored":
-        import tensorflow as tf
-
-        if keras.backend.backend() != "tensorflow":
-            raise app.UsageError("--strategy=mirrored needs KERAS_BACKEND=tensorflow.")
-        strategy = tf.distribute.MirroredStrategy()
-        if FLAGS.batch_size % strategy.num_replicas_in_sync:
-            raise app.UsageError(
-                f"--batch_size={FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas."
-            )
-    ds, n, channels, mean, std, skipped = build_dataset(FLAGS.batch_size)
+    try:
+        ds, n, channels, mean, std, skipped = build_dataset(FLAGS.batch_size)
+    except (ValueError, OSError) as e:  # missing / empty / unreadable data
+        message = str(e)
+        raise app.UsageError(message if message.startswith("--") else f"--data={FLAGS.data}: {message}") from None
     steps = FLAGS.steps_per_epoch or (n // FLAGS.batch_size if n else None)
     if not steps:
         raise app.UsageError("--steps_per_epoch is needed: the dataset size is unknown or smaller than a batch.")
-    if n:
-        steps = min(steps, max(n // FLAGS.batch_size, 1)) if FLAGS.steps_per_epoch is None else steps
     lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
     total = steps * FLAGS.epochs
-    warmup = int(round(FLAGS.warmup_epochs * steps))
-    schedule = optim.WarmupCosine(lr, min(warmup, total), total, FLAGS.min_lr)
-    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=min(warmup, total), images=n)
+    warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
+    schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
+    derived = dict(
+        lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n,
+        replicas=dist.num_replicas, per_replica_batch=FLAGS.batch_size // dist.num_replicas,
+    )
     print(json.dumps({"derived": derived}), flush=True)
 
-    def build_and_compile():
+    with dist.scope():
         model = build_model(channels)
         jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
         model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay), jit_compile=jit)
-        return model
-
-    if strategy is not None:
-        with strategy.scope():
-            model = build_and_compile()
-    else:
-        model = build_and_compile()
-    with open(os.path.join(FLAGS.output_dir, "flags.txt"), "w") as f:
+    with open(os.path.join(output_dir, "flags.txt"), "w") as f:
         f.write(FLAGS.flags_into_string())
-    with open(os.path.join(FLAGS.output_dir, "model_config.json"), "w") as f:
+    with open(os.path.join(output_dir, "model_config.json"), "w") as f:
         json.dump({"config": model.get_config(), "derived": derived}, f, indent=1, default=str)
+    if FLAGS.dry_run:
+        params = dict(
+            encoder_params=int(model.encoder.count_params()),
+            model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+        )
+        print(json.dumps({"dry_run": True, **params, **derived}), flush=True)
+        return
     preview = next(iter(ds.take(1)))
     preview = keras.ops.convert_to_numpy(preview[0] if isinstance(preview, tuple) else preview)
     callbacks = pretrain_callbacks(
-        FLAGS.output_dir, model, schedule, FLAGS.batch_size, FLAGS.save_every, skipped, preview, mean, std
+        output_dir, model, schedule, FLAGS.batch_size, FLAGS.save_every, skipped, preview, mean, std,
+        backup_every=FLAGS.backup_every, total_steps=total,
     )
     start = time.time()
     history = model.fit(ds, epochs=FLAGS.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=2)
     seconds = time.time() - start
-    model.encoder.save(os.path.join(FLAGS.output_dir, "encoder.keras"))
+    model.encoder.save(os.path.join(output_dir, "encoder.keras"))
     final = {k: float(v[-1]) for k, v in history.history.items()}
     final.update(
         epochs_run=len(history.history.get("loss", [])),
+        steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         seconds=round(seconds, 1),
         skipped_files=skipped.count if skipped else 0,
-        encoder=os.path.join(FLAGS.output_dir, "encoder.keras"),
+        encoder=os.path.join(output_dir, "encoder.keras"),
     )
-    with open(os.path.join(FLAGS.output_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump({"final": final, "history": history.history, "derived": derived}, f, indent=1, default=float)
     print(json.dumps(final), flush=True)
 

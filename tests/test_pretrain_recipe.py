@@ -1,9 +1,12 @@
 """recipes/pretrain.py end to end on real Fashion-MNIST (TensorFlow backend)."""
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,10 +71,102 @@ def test_short_run_writes_everything(tmp_path):
         ("--model=vit_gigantic", "--model"),
         ("--setting=z", "--setting"),
         ("--data=/no/such/folder", "--data"),
+        ("--data={empty}", "--data"),
+        ("--strategy=data_parallel", "--strategy=data_parallel"),  # JAX only; this run is TensorFlow
+        ("--strategy=mirrored --host_devices=2 --batch_size=15", "--batch_size=15"),
+        ("--strategy=multiworker", "TF_CONFIG"),
     ],
 )
-def test_bad_flags_fail_before_training(flag, message):
-    result = run(*TINY, flag, "--output_dir=/tmp/never")
+def test_bad_flags_fail_before_training(flag, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    flags = flag.replace("{empty}", str(tmp_path / "empty")).split()
+    result = run(*TINY, *flags, f"--output_dir={tmp_path / 'never'}")
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mirrored_recipe_on_two_host_devices(tmp_path):
+    out = os.path.join(tmp_path, "run")
+    result = run(*TINY, "--strategy=mirrored", "--host_devices=2", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    derived = json.loads(result.stdout.split("\n")[0])["derived"]
+    assert derived["replicas"] == 2 and derived["per_replica_batch"] == 8
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["steps"] == 6 and math.isfinite(final["loss"])
+
+
+@pytest.mark.parametrize("config", ["mae_vitb16_in1k.flags", "lcmae_vitb16_in1k.flags", "demo_cpu.flags"])
+def test_configs_build(config, tmp_path):
+    """Every shipped flagfile parses and builds its model (data swapped for the
+    offline demo set, nothing trained)."""
+    path = os.path.join(ROOT, "recipes", "configs", config)
+    head = open(path).read().splitlines()[:2]
+    assert head[0].startswith("#") and f"--flagfile=recipes/configs/{config}" in "\n".join(head)
+    result = run(f"--flagfile={path}", "--data=fashion_mnist", "--dry_run", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    flags = dict((line.lstrip("-") + "=").split("=")[:2] for line in open(path).read().splitlines() if line.startswith("--"))
+    if flags.get("model") == "vit_base":
+        assert info["encoder_params"] == 85_798_656  # ViT-B/16 at 224 without a head (as HF ViTModel without pooler)
+    batch = int(flags["batch_size"])
+    assert info["lr"] == pytest.approx(float(flags["blr"]) * batch / 256)
+
+
+def _backup_step(folder, steps_per_epoch):
+    meta = os.path.join(folder, "training_metadata.json")
+    try:
+        with open(meta) as f:
+            m = json.load(f)
+    except (OSError, ValueError):  # not written yet, or being written
+        return None
+    return m["epoch"] * steps_per_epoch + m["batch"] + 1
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
+    """SIGKILL a run mid-epoch, rerun the same command: training resumes from
+    the last step backup (at most one backup interval lost), runs exactly the
+    planned number of steps and follows the same lr schedule."""
+    steps, epochs, every = 8, 3, 3
+    out = os.path.join(tmp_path, "run")
+    flags = [*TINY, f"--epochs={epochs}", f"--steps_per_epoch={steps}", f"--backup_every={every}", f"--output_dir={out}"]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    backup = os.path.join(out, "backup")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            step = _backup_step(backup, steps)
+            if step is not None and step > steps:  # a backup inside the second epoch
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    saved = _backup_step(backup, steps)
+    assert saved is not None and saved % steps != 0  # the kill left a mid-epoch backup
+
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+    resumed = next(l["resumed"] for l in lines if "resumed" in l)
+    # the newest backup, or the one before it if the kill hit a write
+    assert saved - every <= resumed["step"] <= saved and resumed["step"] > steps
+    assert resumed["epoch"] == resumed["step"] // steps
+    final = lines[-1]
+    assert final["steps"] == steps * epochs
+    # lr at each resumed epoch end = the schedule at the optimizer step then, computed here
+    peak, warmup, total = 1e-3 * 16 / 256, steps, steps * epochs
+
+    def lr(t):
+        if t < warmup:
+            return peak * t / warmup
+        return 0.5 * peak * (1 + math.cos(math.pi * min((t - warmup) / (total - warmup), 1.0)))
+
+    history = json.load(open(os.path.join(out, "metrics.json")))["history"]
+    ends = [min(resumed["step"] + steps * (k + 1), total) for k in range(epochs - resumed["epoch"])]
+    assert final["epochs_run"] == len(ends) == len(history["lr"])
+    assert history["lr"] == pytest.approx([lr(t) for t in ends], abs=1e-9)
+    assert not os.path.exists(backup)  # a finished run removes its backup

@@ -28,7 +28,7 @@ def make():
     decoder = TransformerDecoder(32, 1, 2)
     if method == "mae":
         return MAE(encoder, decoder, seed=0)
-    return LCMAE(encoder, decoder, projector_dim=64, loss_weights=(1.0, 0.0, 1.0), seed=0)
+    return LCMAE(encoder, decoder, projector_dim=64, loss_weights="a", seed=0)
 
 
 def run(strategy, init):
@@ -51,11 +51,32 @@ def run(strategy, init):
 
 init, t0, h1, w1 = run(tf.distribute.OneDeviceStrategy("/cpu:0"), None)
 _, _, h2, w2 = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), init)
+
+
+def replica_masks():
+    """Masks drawn inside the model (no noise given) on two replicas fed the
+    same images: they must differ, or replicas would share mask patterns."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = make()
+    same = np.concatenate([images[:4], images[:4]])
+    ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(same).batch(8))
+    batch = next(iter(ds))
+    masks = strategy.run(lambda x: model(x, training=True)["mask"], args=(batch,))
+    a, b = (m.numpy() for m in strategy.experimental_local_results(masks))
+    return float(np.mean(a != b)), float(a.mean())
+
+
+mask_disagreement, mask_mean = replica_masks()
 print(json.dumps({
+    "mask_disagreement": mask_disagreement,
+    "mask_mean": mask_mean,
     "loss_single": h1["loss"][0],
     "loss_mirrored": h2["loss"][0],
     "loss_mae_single": h1["loss_mae"][0],
     "loss_mae_mirrored": h2["loss_mae"][0],
+    "loss_cross_single": h1.get("loss_cross", [0.0])[0],
+    "loss_cross_mirrored": h2.get("loss_cross", [0.0])[0],
     "max_weight_diff": float(max(np.abs(a - b).max() for a, b in zip(w1, w2))),
     "max_update": float(max(np.abs(a - b).max() for a, b in zip(w1, t0))),
 }))
