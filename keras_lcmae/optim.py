@@ -1,9 +1,11 @@
 """Optimisation pieces of the official MAE recipes: the warmup-cosine
-schedule, AdamW with the official weight-decay exclusions, the lr scaling rule."""
+schedule, AdamW with the official weight-decay exclusions, the lr scaling rule,
+LARS for the linear probe and AdamW with layer-wise lr decay for finetuning."""
 
 import math
 
 import keras
+from keras import ops
 
 
 def scaled_lr(blr, batch_size):
@@ -60,3 +62,298 @@ def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95):
     opt = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2)
     opt.exclude_from_weight_decay(var_list=decay_exclusions(model))
     return opt
+
+
+# ---------------------------------------------------------------------------
+# Linear probing: LARS
+# ---------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class LARS(keras.optimizers.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as
+    the official MAE linear probe trains its head.
+
+    For a parameter ``p`` with gradient ``g`` and at least two dimensions::
+
+        g' = g + weight_decay * p                        (coupled L2)
+        q  = trust_coefficient * |p| / |g'|   if |p| > 0 and |g'| > 0, else 1
+        mu = momentum * mu + q * g'
+        p  = p - learning_rate * mu
+
+    Biases and other 1-D parameters get neither weight decay nor the trust
+    ratio: ``mu = momentum * mu + g``, ``p = p - learning_rate * mu``. The
+    decay is L2 added to the gradient (before the trust ratio), not Keras'
+    decoupled decay; ``exclude_from_weight_decay`` removes it from more
+    variables. The official probe uses ``weight_decay=0`` and
+    ``learning_rate = 0.1 * batch_size / 256`` with a warmup-cosine schedule.
+
+    Args:
+        learning_rate: float or ``LearningRateSchedule``.
+        weight_decay: L2 coefficient for parameters of rank >= 2.
+        momentum: heavy-ball momentum (no dampening, no Nesterov).
+        trust_coefficient: the ``eta`` of the trust ratio.
+
+    Example:
+    >>> opt = LARS(WarmupCosine(6.4, warmup_steps=10, total_steps=90))
+    >>> head = keras.layers.Dense(10)
+    >>> head.build((None, 32))
+    >>> opt.apply([np.ones((32, 10), "float32"), np.ones(10, "float32")], head.trainable_weights)
+    """
+
+    def __init__(self, learning_rate=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, name="lars", **kwargs):
+        for arg, value in (("weight_decay", weight_decay), ("trust_coefficient", trust_coefficient)):
+            if value is None or float(value) < 0:
+                raise ValueError(f"`{arg}` must be a non-negative float, got {value!r}.")
+        if momentum is None or not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"`momentum` must be a float in [0, 1), got {momentum!r}.")
+        super().__init__(learning_rate=learning_rate, weight_decay=float(weight_decay), name=name, **kwargs)
+        self.momentum = float(momentum)
+        self.trust_coefficient = float(trust_coefficient)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+        # Decided once per variable, in Python: `update_step` may receive the
+        # backend's own variable (TensorFlow), which has no Keras name or path.
+        self._decays = [len(v.shape) > 1 and self._use_weight_decay(v) for v in variables]
+
+    def _apply_weight_decay(self, variables):
+        # The decay is coupled L2 inside `update_step`, not Keras' decoupled one.
+        return
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        if len(variable.shape) > 1:
+            if self._decays[index] and self.weight_decay > 0:
+                g = g + ops.cast(self.weight_decay, dtype) * variable
+            p_norm = ops.sqrt(ops.sum(ops.square(variable)))
+            g_norm = ops.sqrt(ops.sum(ops.square(g)))
+            usable = ops.logical_and(p_norm > 0, g_norm > 0)
+            ratio = self.trust_coefficient * p_norm / ops.where(g_norm > 0, g_norm, ops.ones_like(g_norm))
+            g = g * ops.where(usable, ratio, ops.ones_like(ratio))
+        mu = self.momentums[index]
+        self.assign(mu, ops.cast(self.momentum, dtype) * mu + g)
+        self.assign_sub(variable, lr * mu)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, trust_coefficient=self.trust_coefficient)
+        return config
+
+
+# ---------------------------------------------------------------------------
+# Finetuning: layer-wise learning-rate decay
+# ---------------------------------------------------------------------------
+
+
+def _find_encoder(model):
+    from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415  (encoder imports nothing from here)
+
+    if isinstance(model, ViTEncoder):
+        return model
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, ViTEncoder):
+        return encoder
+    raise ValueError(
+        f"Layer-wise lr decay needs a ViTEncoder or a model with a ViTEncoder as `.encoder` "
+        f"(e.g. ViTClassifier), got {type(model).__name__}."
+    )
+
+
+def layer_ids(model):
+    """``{variable.path: layer_id}`` for every weight of ``model`` (a
+    :class:`~keras_lcmae.ViTEncoder` or a model holding one as ``.encoder``):
+    0 for the patch embedding, ``[CLS]`` token and position table, ``i + 1``
+    for the weights of block ``i``, ``depth + 1`` for everything else (final
+    norm, ``fc_norm``, head), as BEiT's and MAE's finetuning.
+
+    Membership is decided by which layer object owns a variable (the encoder's
+    ``patch_embed`` and ``blocks[i]``), not by parsing names, so it holds for
+    any layer names; the result is keyed by ``variable.path``.
+    """
+    encoder = _find_encoder(model)
+    owner = {id(v): 0 for v in encoder.patch_embed.weights}
+    owner[id(encoder.cls_token)] = 0
+    owner[id(encoder.pos_embed)] = 0
+    for i, block in enumerate(encoder.blocks):
+        owner.update({id(v): i + 1 for v in block.weights})
+    ids = {}
+    for v in model.weights:
+        layer_id = owner.get(id(v), encoder.depth + 1)
+        if ids.get(v.path, layer_id) != layer_id:
+            raise ValueError(
+                f"Two variables share the path {v.path!r} but sit at different depths; give the "
+                f"layers distinct names so that per-variable learning rates can be keyed by path."
+            )
+        ids[v.path] = layer_id
+    return ids
+
+
+def layer_decay_multipliers(model_or_encoder, layer_decay):
+    """Per-variable learning-rate multipliers of layer-wise lr decay:
+    ``layer_decay ** (depth + 1 - layer_id)`` with the layer ids of
+    :func:`layer_ids` (1 for the head and final norms, ``layer_decay`` for the
+    last block, ``layer_decay ** (depth + 1)`` for the patch embedding).
+
+    Example:
+    >>> encoder = ViTEncoder.from_preset("vit_test")          # depth 2
+    >>> m = layer_decay_multipliers(encoder, 0.5)
+    >>> m["vit_encoder/cls_token"], m["vit_encoder/blocks_1/fc1/kernel"], m["vit_encoder/norm/gamma"]
+    (0.125, 0.5, 1.0)
+    """
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise ValueError(f"`layer_decay` must be a float in (0, 1] (0.75 official default, 0.65 for ViT-B), got {layer_decay!r}.")
+    depth = _find_encoder(model_or_encoder).depth
+    return {path: float(layer_decay) ** (depth + 1 - i) for path, i in layer_ids(model_or_encoder).items()}
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class LayerDecayAdamW(keras.optimizers.Optimizer):
+    """AdamW with a per-variable learning-rate multiplier, as the official
+    finetuning's parameter groups (layer-wise lr decay).
+
+    For a variable with multiplier ``s`` (from ``lr_multipliers``, keyed by
+    ``variable.path``; 1 when ``None``) and ``lr_s = s * learning_rate``::
+
+        p = p - lr_s * weight_decay * p                  (decoupled decay)
+        m = beta_1 m + (1 - beta_1) g,  v = beta_2 v + (1 - beta_2) g^2
+        p = p - lr_s * (m / (1 - beta_1^t)) / (sqrt(v / (1 - beta_2^t)) + epsilon)
+
+    which is ``torch.optim.AdamW`` (epsilon outside the bias-corrected square
+    root) applied to a param group whose lr is ``lr_s``: the decay is scaled
+    by the multiplier too. Parameters of rank <= 1 (biases, norms) and the
+    paths in ``no_weight_decay`` are not decayed. The update is written with
+    ``keras.ops`` in ``update_step``, so it is the same on every backend (no
+    backend's fused AdamW is substituted).
+
+    Args:
+        learning_rate: float or ``LearningRateSchedule`` (the lr of the head).
+        weight_decay: decoupled decay coefficient.
+        beta_1, beta_2, epsilon: Adam constants (torch defaults).
+        lr_multipliers: ``{variable.path: multiplier}``, e.g. from
+            :func:`layer_decay_multipliers`. Every trained variable must have an
+            entry (a ``ValueError`` names those without one).
+        no_weight_decay: variable paths excluded from decay besides the 1-D ones.
+
+    Example:
+    >>> model = ViTClassifier(ViTEncoder.from_preset("vit_test"), num_classes=10)
+    >>> opt = LayerDecayAdamW(1e-3, weight_decay=0.05,
+    ...                       lr_multipliers=layer_decay_multipliers(model, 0.75))
+    >>> model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    :func:`finetune_adamw` builds this with the official settings.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.05,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        lr_multipliers=None,
+        no_weight_decay=None,
+        name="layer_decay_adamw",
+        **kwargs,
+    ):
+        if weight_decay is None or float(weight_decay) < 0:
+            raise ValueError(f"`weight_decay` must be a non-negative float, got {weight_decay!r}.")
+        for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"`{arg}` must be in [0, 1), got {value!r}.")
+        if lr_multipliers is not None and not hasattr(lr_multipliers, "items"):
+            raise ValueError(
+                f"`lr_multipliers` must map variable paths to floats (see layer_decay_multipliers), got "
+                f"{type(lr_multipliers).__name__}."
+            )
+        if isinstance(no_weight_decay, str):
+            raise ValueError("`no_weight_decay` must be a list of variable paths, not a single string.")
+        super().__init__(learning_rate=learning_rate, weight_decay=float(weight_decay), name=name, **kwargs)
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.lr_multipliers = None if lr_multipliers is None else {str(k): float(v) for k, v in lr_multipliers.items()}
+        self.no_weight_decay = sorted(no_weight_decay or [])
+
+    def build(self, variables):
+        if self.built:
+            return
+        if self.lr_multipliers is not None:
+            missing = [v.path for v in variables if v.path not in self.lr_multipliers]
+            if missing:
+                raise ValueError(
+                    f"No learning-rate multiplier for {missing}: compute `lr_multipliers` with "
+                    f"layer_decay_multipliers(model, layer_decay) on the model this optimizer trains."
+                )
+        super().build(variables)
+        self._momentums, self._velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+        # Per-index Python constants: `update_step` may receive the backend's
+        # own variable (TensorFlow), which has no Keras path.
+        self._scales = [1.0 if self.lr_multipliers is None else self.lr_multipliers[v.path] for v in variables]
+        excluded = set(self.no_weight_decay)
+        self._decays = [
+            len(v.shape) > 1 and v.path not in excluded and self._use_weight_decay(v) for v in variables
+        ]
+
+    def _apply_weight_decay(self, variables):
+        # Decay is applied per variable, scaled, inside `update_step`.
+        return
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype) * self._scales[index]
+        g = ops.cast(gradient, dtype)
+        if self._decays[index] and self.weight_decay > 0:
+            self.assign_sub(variable, lr * ops.cast(self.weight_decay, dtype) * variable)
+        step = ops.cast(self.iterations + 1, dtype)
+        correction_1 = 1.0 - ops.power(ops.cast(self.beta_1, dtype), step)
+        correction_2 = 1.0 - ops.power(ops.cast(self.beta_2, dtype), step)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * g)
+        self.assign(v, self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g))
+        denom = ops.sqrt(v / correction_2) + self.epsilon
+        self.assign_sub(variable, lr * (m / correction_1) / denom)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            lr_multipliers=self.lr_multipliers,
+            no_weight_decay=self.no_weight_decay,
+        )
+        return config
+
+
+def finetune_adamw(model, learning_rate, weight_decay=0.05, layer_decay=0.75, beta_1=0.9, beta_2=0.999, **kwargs):
+    """The official MAE finetuning optimizer for ``model`` (a
+    :class:`~keras_lcmae.ViTClassifier` or anything holding a ViTEncoder as
+    ``.encoder``): :class:`LayerDecayAdamW` with
+    :func:`layer_decay_multipliers` and, as the official ``no_weight_decay``
+    list, no decay on 1-D parameters, the ``[CLS]`` token and the position
+    table. Defaults are the official script's (layer decay 0.75; its ViT-B
+    recipe uses 0.65). Extra keyword arguments go to the optimizer.
+
+    Example:
+    >>> model = ViTClassifier(ViTEncoder.from_preset("vit_test"), num_classes=10, pool="avg")
+    >>> opt = finetune_adamw(model, WarmupCosine(scaled_lr(5e-4, 1024), 5, 100), layer_decay=0.65)
+    """
+    encoder = _find_encoder(model)
+    return LayerDecayAdamW(
+        learning_rate,
+        weight_decay=weight_decay,
+        beta_1=beta_1,
+        beta_2=beta_2,
+        lr_multipliers=layer_decay_multipliers(model, layer_decay),
+        no_weight_decay=[encoder.cls_token.path, encoder.pos_embed.path],
+        **kwargs,
+    )

@@ -1,0 +1,302 @@
+"""Classification heads on a ViT encoder: finetuning and linear probing, as
+the official MAE ``main_finetune.py`` / ``main_linprobe.py`` build them.
+
+* ``pool="cls"``: the ``[CLS]`` token after the encoder's final norm.
+* ``pool="avg"``: the mean of the patch tokens (``[CLS]`` excluded) taken
+  *before* the encoder's final norm, then a LayerNorm ``fc_norm`` (eps 1e-6):
+  the official finetuning with global pooling, whose model has no final norm.
+  An encoder built with ``final_norm=True`` keeps its norm's weights, frozen
+  and unused.
+* ``linear_probe=True``: the encoder is frozen (``trainable=False``) and runs
+  in inference mode; the head is BatchNorm without affine (eps 1e-6, torch's
+  default momentum 0.1, i.e. Keras ``momentum=0.9``) then the linear layer.
+
+Head initialisation follows the official scripts: weights drawn with std 0.01
+(linear probe) or 2e-5 (finetune), bias 0. The official ``trunc_normal_``
+truncates at +-2 in absolute value, which at these standard deviations never
+happens, so the draw is a plain normal (Keras' ``TruncatedNormal`` would cut
+at two standard deviations and shrink the spread).
+"""
+
+import os
+
+import keras
+from keras import ops
+
+from keras_lcmae.encoder import ViTEncoder
+from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm, run_blocks
+from keras_lcmae.ops import to_2tuple
+
+POOLS = ("cls", "avg")
+LINEAR_PROBE_HEAD_STD = 0.01
+FINETUNE_HEAD_STD = 2e-5
+
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+
+
+def _check_pool(pool):
+    if pool not in POOLS:
+        raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
+
+
+def _check_geometry(found, image_size, patch_size, num_channels, source):
+    """Compares an encoder's (or checkpoint's) geometry with what the caller asks for."""
+    asked = dict(
+        image_size=None if image_size is None else to_2tuple(image_size, "image_size"),
+        patch_size=None if patch_size is None else int(patch_size),
+        num_channels=None if num_channels is None else int(num_channels),
+    )
+    have = dict(
+        image_size=to_2tuple(found["image_size"]),
+        patch_size=int(found["patch_size"]),
+        num_channels=int(found["num_channels"]),
+    )
+    wrong = [f"{k}={have[k]} (asked for {v})" for k, v in asked.items() if v is not None and v != have[k]]
+    if wrong:
+        raise ValueError(
+            f"{source} is an encoder for other images: it has {', '.join(wrong)}. Use a checkpoint "
+            f"trained for these images, or resize/re-channel the data to match the checkpoint."
+        )
+
+
+def _set_trainable(layer, value):
+    """``layer.trainable = value``, propagated to its sublayers even when the
+    flag already has that value: on the TensorFlow backend the attribute
+    assignment is skipped when ``getattr(layer, "trainable") is value``, so
+    an encoder deserialised with ``trainable=False`` would keep trainable
+    blocks."""
+    keras.layers.Layer.trainable.fset(layer, value)
+
+
+def _with_drop_path(encoder, drop_path_rate):
+    """The same encoder (same weights) with another stochastic-depth rate."""
+    if drop_path_rate is None or float(drop_path_rate) == encoder.drop_path_rate:
+        return encoder
+    config = dict(encoder.get_config(), drop_path_rate=float(drop_path_rate))
+    copy = ViTEncoder.from_config(config)
+    copy.set_weights(encoder.get_weights())
+    return copy
+
+
+def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop_path_rate=None):
+    """Loads a :class:`ViTEncoder` from a ``.keras`` file (the
+    ``encoder.keras`` written by ``recipes/pretrain.py``, or a whole
+    MAE/LC-MAE model file, whose ``.encoder`` is taken).
+
+    ``image_size``, ``patch_size`` and ``num_channels``, when given, must
+    match the checkpoint (a ``ValueError`` says which differ);
+    ``drop_path_rate`` replaces the pretraining rate (0.1 for ViT-B
+    finetuning).
+
+    Example:
+    >>> encoder = load_encoder("runs/demo/encoder.keras", image_size=32)
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No encoder file at {path!r}.")
+    import keras_lcmae  # noqa: F401, PLC0415  (registers the package's classes for deserialisation)
+
+    loaded = keras.saving.load_model(path)
+    encoder = loaded if isinstance(loaded, ViTEncoder) else getattr(loaded, "encoder", None)
+    if not isinstance(encoder, ViTEncoder):
+        raise ValueError(
+            f"{path!r} holds a {type(loaded).__name__}, not a ViTEncoder (nor a model with one as "
+            f"`.encoder`); pass the encoder.keras written by recipes/pretrain.py."
+        )
+    found = dict(image_size=encoder.image_size, patch_size=encoder.patch_size, num_channels=encoder.num_channels)
+    _check_geometry(found, image_size, patch_size, num_channels, repr(path))
+    return _with_drop_path(encoder, drop_path_rate)
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class ViTClassifier(keras.Model):
+    """Image classifier on a :class:`ViTEncoder`: finetuning or linear probe.
+
+    Returns logits ``(B, num_classes)``; compile with
+    ``SparseCategoricalCrossentropy(from_logits=True)``.
+
+    Args:
+        encoder: a :class:`ViTEncoder` (pretrained). It becomes part of this
+            model; ``linear_probe=True`` freezes it.
+        num_classes: integer >= 2.
+        pool: ``"cls"`` (``[CLS]`` after the encoder's final norm; the
+            official linear probe) or ``"avg"`` (mean patch token, then
+            ``fc_norm``; the official finetuning).
+        head_dropout: dropout rate before the linear head (official: 0).
+        linear_probe: freeze the encoder and put a non-affine BatchNorm in
+            front of the head (official ``main_linprobe.py``).
+
+    Example:
+    >>> encoder = ViTEncoder.from_preset("vit_test")
+    >>> model = ViTClassifier(encoder, num_classes=10, pool="avg")
+    >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape)
+    (2, 10)
+    >>> probe = ViTClassifier.from_encoder_file("runs/demo/encoder.keras", 10, linear_probe=True)
+    """
+
+    def __init__(self, encoder, num_classes, pool="cls", head_dropout=0.0, linear_probe=False, **kwargs):
+        kwargs.setdefault("name", "vit_classifier")
+        super().__init__(**kwargs)
+        if not isinstance(encoder, ViTEncoder):
+            raise ValueError(
+                f"`encoder` must be a ViTEncoder, got {type(encoder).__name__}; load one with "
+                f"load_encoder(path) or ViTClassifier.from_encoder_file(path, num_classes)."
+            )
+        _check_num_classes(num_classes)
+        _check_pool(pool)
+        if not 0.0 <= float(head_dropout) < 1.0:
+            raise ValueError(f"`head_dropout` must be in [0, 1), got {head_dropout!r}.")
+        self.encoder = encoder
+        self.num_classes = int(num_classes)
+        self.pool = pool
+        self.head_dropout = float(head_dropout)
+        self.linear_probe = bool(linear_probe)
+        if self.linear_probe:
+            _set_trainable(encoder, False)
+        if self.pool == "avg" and encoder.norm is not None:
+            _set_trainable(encoder.norm, False)  # unused with global pooling (official: deleted)
+        self.fc_norm = layer_norm("fc_norm", LAYER_NORM_EPSILON) if self.pool == "avg" else None
+        if self.fc_norm is not None and self.linear_probe:
+            _set_trainable(self.fc_norm, False)  # the official probe trains the head only
+        self.head_norm = (
+            keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9, name="head_norm")
+            if self.linear_probe
+            else None
+        )
+        self.head_drop = keras.layers.Dropout(self.head_dropout, name="head_drop")
+        std = LINEAR_PROBE_HEAD_STD if self.linear_probe else FINETUNE_HEAD_STD
+        self.head = keras.layers.Dense(
+            self.num_classes,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=std),
+            bias_initializer="zeros",
+            name="head",
+        )
+        self.build()
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        d = self.encoder.hidden_dim
+        for layer in (self.fc_norm, self.head_norm, self.head):
+            if layer is not None:
+                layer.build((None, d))
+        self.built = True
+
+    def forward_features(self, images, training=None):
+        """The pooled features fed to the head (before the probe's BatchNorm):
+        ``(B, hidden_dim)``."""
+        encoder = self.encoder
+        if self.linear_probe:
+            training = False  # a frozen feature extractor
+        if self.pool == "cls":
+            return encoder(images, training=training)[:, 0, :]
+        x = encoder.embed(images)
+        cls = ops.cast(encoder.cls_token + encoder.pos_embed[:, :1, :], x.dtype)
+        cls = ops.broadcast_to(cls, (ops.shape(x)[0], 1, encoder.hidden_dim))
+        x, _ = run_blocks(encoder.blocks, ops.concatenate([cls, x], axis=1), training)
+        return self.fc_norm(ops.mean(x[:, 1:, :], axis=1))
+
+    def call(self, images, training=None):
+        x = self.forward_features(images, training=training)
+        if self.head_norm is not None:
+            x = self.head_norm(x, training=training)
+        return self.head(self.head_drop(x, training=training))
+
+    @classmethod
+    def from_encoder_file(
+        cls,
+        path,
+        num_classes,
+        pool="cls",
+        image_size=None,
+        patch_size=None,
+        num_channels=None,
+        drop_path_rate=None,
+        **kwargs,
+    ):
+        """A classifier on the encoder saved at ``path`` (see
+        :func:`load_encoder` for the geometry checks and ``drop_path_rate``).
+        Other keyword arguments go to the constructor."""
+        _check_num_classes(num_classes)
+        _check_pool(pool)
+        encoder = load_encoder(path, image_size, patch_size, num_channels, drop_path_rate)
+        return cls(encoder, num_classes, pool=pool, **kwargs)
+
+    @classmethod
+    def from_official_state_dict(
+        cls,
+        state_dict,
+        num_classes,
+        num_heads,
+        pool="cls",
+        image_size=None,
+        patch_size=None,
+        num_channels=None,
+        drop_path_rate=None,
+        **kwargs,
+    ):
+        """A classifier on an official MAE checkpoint (a state dict of
+        ``facebookresearch/mae`` key names; see :mod:`keras_lcmae.convert`).
+
+        Pretraining checkpoints load their encoder (the decoder is skipped).
+        With ``pool="avg"`` the checkpoint's final ``norm`` is ignored (as
+        the official finetuning, whose model has none). A finetuned
+        checkpoint's ``fc_norm`` (``pool="avg"``) and ``head`` are loaded when
+        their shapes fit (same number of classes), otherwise the head starts
+        fresh, as the official script does for a new label set. ``num_heads``
+        cannot be read off the weights' shapes.
+
+        Example:
+        >>> state = torch.load("mae_pretrain_vit_base.pth", weights_only=True)["model"]
+        >>> model = ViTClassifier.from_official_state_dict(state, 1000, num_heads=12, pool="avg",
+        ...                                                image_size=224, drop_path_rate=0.1)
+        """
+        from keras_lcmae.convert import (  # noqa: PLC0415  (convert imports models; keep import cheap)
+            _as_numpy,
+            encoder_from_official_state_dict,
+            encoder_kwargs_from_state_dict,
+        )
+
+        _check_num_classes(num_classes)
+        _check_pool(pool)
+        if not hasattr(state_dict, "keys"):
+            raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
+        state = dict(state_dict)
+        found = encoder_kwargs_from_state_dict(state, num_heads)
+        _check_geometry(found, image_size, patch_size, num_channels, "The state dict")
+        if pool == "avg":
+            state.pop("norm.weight", None)
+            state.pop("norm.bias", None)
+        overrides = {} if drop_path_rate is None else {"drop_path_rate": float(drop_path_rate)}
+        encoder = encoder_from_official_state_dict(state, num_heads, **overrides)
+        model = cls(encoder, num_classes, pool=pool, **kwargs)
+        d = encoder.hidden_dim
+        head_w, head_b = state.get("head.weight"), state.get("head.bias")
+        if head_w is not None and head_b is not None and tuple(_as_numpy(head_w).shape) == (num_classes, d):
+            model.head.kernel.assign(_as_numpy(head_w).T)
+            model.head.bias.assign(_as_numpy(head_b))
+        if model.fc_norm is not None and "fc_norm.weight" in state and "fc_norm.bias" in state:
+            gamma, beta = _as_numpy(state["fc_norm.weight"]), _as_numpy(state["fc_norm.bias"])
+            if gamma.shape == beta.shape == (d,):
+                model.fc_norm.gamma.assign(gamma)
+                model.fc_norm.beta.assign(beta)
+        return model
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            encoder=keras.saving.serialize_keras_object(self.encoder),
+            num_classes=self.num_classes,
+            pool=self.pool,
+            head_dropout=self.head_dropout,
+            linear_probe=self.linear_probe,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        return cls(**config)

@@ -1,0 +1,185 @@
+"""Frozen-feature evaluation: feature extraction and the weighted k-nearest
+neighbour classifier of InstDisc (Wu et al., 2018) as DINO uses it.
+
+The kNN vote: L2-normalise train and test features; for each test feature
+take the ``k`` train features of highest cosine similarity ``s``; each
+neighbour votes for its label with weight ``exp(s / temperature)``; the class
+with the largest summed weight wins. Weights are computed as
+``exp((s - s_max) / temperature)`` with ``s_max`` the test row's largest
+similarity, a common factor per row that leaves the vote unchanged and keeps
+small temperatures from overflowing float32.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+POOLS = ("cls", "avg")
+
+
+def _as_features(x, name):
+    x = ops.convert_to_numpy(x) if ops.is_tensor(x) else np.asarray(x)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty (num_samples, dim) array, got shape {x.shape}.")
+    return x.astype("float32")
+
+
+def _check_knn_args(train_features, train_labels, test_features, num_classes, k, temperature, batch_size):
+    train = _as_features(train_features, "train_features")
+    test = _as_features(test_features, "test_features")
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(f"train features have dim {train.shape[1]} but test features dim {test.shape[1]}.")
+    labels = (ops.convert_to_numpy(train_labels) if ops.is_tensor(train_labels) else np.asarray(train_labels)).reshape(-1)
+    if labels.shape[0] != train.shape[0]:
+        raise ValueError(f"{train.shape[0]} train features but {labels.shape[0]} train labels.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"train labels must be integers in [0, {num_classes}), got dtype {labels.dtype} and range "
+            f"[{labels.min()}, {labels.max()}]."
+        )
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= train.shape[0]:
+        raise ValueError(f"`k` must be an integer in [1, {train.shape[0]}] (the number of train features), got {k!r}.")
+    # A neighbour set is well defined unless the k-th and (k+1)-th similarities
+    # tie exactly; which of the tied features is taken then depends on the backend.
+    if not float(temperature) > 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    return train, labels.astype("int32"), test
+
+
+def knn_votes(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, batch_size=256):
+    """Per-class vote weights ``(num_test, num_classes)`` of the weighted kNN
+    (each row scaled by the common factor ``exp(-s_max / temperature)``).
+
+    Test features are processed ``batch_size`` at a time, so memory holds one
+    ``(batch_size, num_train)`` similarity block: 60 000 train features need
+    about 60 MB per block of 256.
+    """
+    train, labels, test = _check_knn_args(
+        train_features, train_labels, test_features, num_classes, k, temperature, batch_size
+    )
+    train = ops.normalize(ops.convert_to_tensor(train), axis=-1, order=2)
+    labels = ops.convert_to_tensor(labels)
+    votes = []
+    for start in range(0, test.shape[0], batch_size):
+        query = ops.normalize(ops.convert_to_tensor(test[start : start + batch_size]), axis=-1, order=2)
+        similarity = ops.matmul(query, ops.transpose(train))  # (b, num_train)
+        top, index = ops.top_k(similarity, k=int(k), sorted=True)  # (b, k), best first
+        weights = ops.exp((top - top[:, :1]) / float(temperature))
+        one_hot = ops.one_hot(ops.take(labels, index, axis=0), int(num_classes), dtype="float32")  # (b, k, C)
+        votes.append(ops.convert_to_numpy(ops.sum(one_hot * weights[:, :, None], axis=1)))
+    return np.concatenate(votes, axis=0)
+
+
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, batch_size=256):
+    """Predicted labels ``(num_test,)`` (int32, numpy) of the weighted kNN
+    classifier (module docstring); DINO's defaults ``k=20``,
+    ``temperature=0.07``. A tie in the summed votes goes to the lower class
+    index.
+
+    Example:
+    >>> train = np.array([[1.0, 0.0], [0.0, 1.0]]); labels = np.array([0, 1])
+    >>> knn_classify(train, labels, np.array([[0.9, 0.2]]), num_classes=2, k=1)
+    array([0], dtype=int32)
+    """
+    votes = knn_votes(train_features, train_labels, test_features, num_classes, k, temperature, batch_size)
+    return np.argmax(votes, axis=1).astype("int32")
+
+
+def knn_accuracy(
+    train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07, batch_size=256
+):
+    """Top-1 accuracy (a fraction in [0, 1]) of :func:`knn_classify`.
+
+    Example:
+    >>> feats, labels = extract_features(encoder, (x_train, y_train))
+    >>> test_feats, test_labels = extract_features(encoder, (x_test, y_test))
+    >>> knn_accuracy(feats, labels, test_feats, test_labels, num_classes=10)
+    """
+    predictions = knn_classify(train_features, train_labels, test_features, num_classes, k, temperature, batch_size)
+    truth = (ops.convert_to_numpy(test_labels) if ops.is_tensor(test_labels) else np.asarray(test_labels)).reshape(-1)
+    if truth.shape[0] != predictions.shape[0]:
+        raise ValueError(f"{predictions.shape[0]} test features but {truth.shape[0]} test labels.")
+    return float(np.mean(predictions == truth))
+
+
+def _batches(data, batch_size):
+    """Yields ``(images, labels_or_None)`` numpy batches."""
+    if isinstance(data, tuple) and len(data) in (1, 2) and not hasattr(data, "_fields"):
+        images = data[0]
+        labels = data[1] if len(data) == 2 else None
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size], None if labels is None else labels[start : start + batch_size]
+        return
+    if isinstance(data, np.ndarray) or ops.is_tensor(data):
+        yield from _batches((data,), batch_size)
+        return
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise ValueError(
+            f"Expected an image array, an (images, labels) tuple or an iterable of batches "
+            f"(e.g. a batched tf.data.Dataset), got {type(data).__name__}."
+        )
+    iterator = data.as_numpy_iterator() if hasattr(data, "as_numpy_iterator") else iter(data)
+    for batch in iterator:
+        if isinstance(batch, (tuple, list)):
+            yield batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            yield batch, None
+
+
+def extract_features(encoder, data, pool="cls", batch_size=256):
+    """Frozen features of ``data`` under ``encoder`` (inference mode).
+
+    Args:
+        encoder: a :class:`~keras_lcmae.ViTEncoder`, or a model holding one
+            as ``.encoder`` (MAE, LCMAE, ViTClassifier).
+        data: images ``(N, H, W, C)``; a tuple ``(images, labels)``; or an
+            iterable of batches ``images`` or ``(images, labels, ...)`` such as
+            a batched ``tf.data.Dataset`` (its own batching is kept).
+        pool: ``"cls"`` (the ``[CLS]`` token of the encoder's output) or
+            ``"avg"`` (the mean of the output's patch tokens; both after the
+            encoder's final norm when it has one).
+        batch_size: batch size for arrays.
+
+    Returns:
+        ``(features, labels)``: float32 ``(N, hidden_dim)`` and int
+        ``(N,)`` numpy arrays; ``labels`` is ``None`` when the data has none.
+
+    Example:
+    >>> encoder = ViTEncoder.from_preset("vit_test")
+    >>> feats, labels = extract_features(encoder, (np.zeros((4, 32, 32, 3), "float32"), np.arange(4)))
+    >>> feats.shape, labels.shape
+    ((4, 32), (4,))
+    """
+    from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415
+
+    if not isinstance(encoder, ViTEncoder):
+        inner = getattr(encoder, "encoder", None)
+        if not isinstance(inner, ViTEncoder):
+            raise ValueError(f"`encoder` must be a ViTEncoder or a model with one as `.encoder`, got {type(encoder).__name__}.")
+        encoder = inner
+    if pool not in POOLS:
+        raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    # A functional wrapper so that `predict_on_batch` runs compiled (jit on
+    # JAX, tf.function on TensorFlow) rather than op by op.
+    inputs = keras.Input(shape=(*encoder.image_size, encoder.num_channels))
+    tokens = encoder(inputs, training=False)
+    pooled = tokens[:, 0, :] if pool == "cls" else ops.mean(tokens[:, 1:, :], axis=1)
+    feature_model = keras.Model(inputs, pooled)
+    features, labels = [], []
+    for images, batch_labels in _batches(data, int(batch_size)):
+        images = np.asarray(ops.convert_to_numpy(images) if ops.is_tensor(images) else images, dtype="float32")
+        features.append(np.asarray(feature_model.predict_on_batch(images), dtype="float32"))
+        labels.append(None if batch_labels is None else np.asarray(batch_labels).reshape(-1))
+    if not features:
+        raise ValueError("`data` yielded no images.")
+    if any(b is None for b in labels) and not all(b is None for b in labels):
+        raise ValueError("Some batches have labels and some do not.")
+    return np.concatenate(features), (None if labels[0] is None else np.concatenate(labels))
