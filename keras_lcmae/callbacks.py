@@ -130,17 +130,91 @@ class ReconstructionImages(keras.callbacks.Callback):
         self._writer.flush()
 
 
+class KNNMonitor(keras.callbacks.Callback):
+    """Weighted kNN accuracy (cosine, ``k`` neighbours, votes
+    ``exp(sim / temperature)``) of the encoder's features on a held-out
+    labelled split, written into the epoch logs as ``knn_top1`` (place it
+    before the TensorBoard callback). Features are the ``[CLS]`` token
+    (``pool="cls"``) or the mean patch token of full, unmasked images.
+
+    kNN understates MAE features (they are not linearly clustered until
+    finetuned or probed), so the recipe shows it next to the online probe.
+    """
+
+    def __init__(self, bank_images, bank_labels, query_images, query_labels, num_classes, k=20, temperature=0.07,
+                 pool="cls", every=1, batch_size=256):
+        super().__init__()
+        self.bank = (np.asarray(bank_images, np.float32), np.asarray(bank_labels))
+        self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels))
+        self.num_classes = int(num_classes)
+        self.k, self.temperature, self.pool = int(k), float(temperature), pool
+        self.every = max(int(every), 1)
+        self.batch_size = int(batch_size)
+
+    def accuracy(self):
+        from keras_lcmae.evaluation import extract_features, knn_accuracy  # noqa: PLC0415
+
+        bank, _ = extract_features(self.model, self.bank[0], pool=self.pool, batch_size=self.batch_size)
+        query, _ = extract_features(self.model, self.query[0], pool=self.pool, batch_size=self.batch_size)
+        return knn_accuracy(bank, self.bank[1], query, self.query[1], self.num_classes, k=self.k,
+                            temperature=self.temperature)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and (epoch + 1) % self.every == 0:
+            logs["knn_top1"] = float(self.accuracy())
+
+
+class LinearProbeMonitor(keras.callbacks.Callback):
+    """A linear probe of the encoder's frozen features on a held-out labelled
+    split, refit at the end of every ``every`` epochs and written into the
+    logs as ``linprobe_top1``: features of full images (``[CLS]`` or mean
+    patch token), standardised with the bank's statistics (BatchNorm without
+    affine, as the official probe), then multinomial logistic regression by
+    full-batch gradient descent on the bank, scored on the query set.
+
+    It complements :class:`KNNMonitor`: MAE features are far better linearly
+    than by nearest neighbours. It reads the encoder only (its weights are
+    never touched) and costs two feature passes and a few hundred small
+    matrix products per evaluation.
+    """
+
+    def __init__(self, bank_images, bank_labels, query_images, query_labels, num_classes, pool="cls", every=1,
+                 steps=300, learning_rate=0.5, l2=1e-4, batch_size=256):
+        super().__init__()
+        self.bank = (np.asarray(bank_images, np.float32), np.asarray(bank_labels))
+        self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels))
+        self.num_classes = int(num_classes)
+        self.pool = pool
+        self.every = max(int(every), 1)
+        self.steps, self.learning_rate, self.l2 = int(steps), float(learning_rate), float(l2)
+        self.batch_size = int(batch_size)
+
+    def accuracy(self):
+        from keras_lcmae.evaluation import extract_features, linear_probe_accuracy  # noqa: PLC0415
+
+        bank, _ = extract_features(self.model, self.bank[0], pool=self.pool, batch_size=self.batch_size)
+        query, _ = extract_features(self.model, self.query[0], pool=self.pool, batch_size=self.batch_size)
+        return linear_probe_accuracy(bank, self.bank[1], query, self.query[1], self.num_classes,
+                                     steps=self.steps, learning_rate=self.learning_rate, l2=self.l2)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and (epoch + 1) % self.every == 0:
+            logs["linprobe_top1"] = float(self.accuracy())
+
+
 def pretrain_callbacks(
     output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None,
-    backup_every=0, total_steps=None,
+    backup_every=0, total_steps=None, monitors=(),
 ):
     """The callbacks of ``recipes/pretrain.py``, in the order they must run.
 
     ``backup_every``: steps between preemption backups in ``output_dir/backup``
     (0: at each epoch end). Two generations are kept, so a kill during a
     write falls back to the previous one. ``total_steps`` stops the run at
-    exactly that many optimizer steps (see :class:`StopAtStep`)."""
-    callbacks = [TrainingStats(schedule, batch_size)]
+    exactly that many optimizer steps (see :class:`StopAtStep`). ``monitors``
+    (e.g. :class:`KNNMonitor`, :class:`LinearProbeMonitor`) run before the
+    TensorBoard callback so that their figures are logged."""
+    callbacks = [TrainingStats(schedule, batch_size), *monitors]
     if skipped is not None:
         callbacks.append(SkippedFilesWarning(skipped))
     callbacks += [

@@ -321,15 +321,18 @@ def pretrain_transform(image_size, mean, std, scale=(0.2, 1.0)):
     return transform
 
 
-def eval_transform(image_size, mean, std):
-    """Resize (shorter side to size/0.875) and centre crop, then normalise."""
+def eval_transform(image_size, mean, std, crop_pct=0.875):
+    """Resize (shorter side to ``size / crop_pct``) and centre crop, then
+    normalise (``crop_pct=1``: resize the shorter side to ``size``)."""
     tf = _tf()
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}.")
 
     def transform(image):
         image = tf.cast(image, tf.float32)
         h, w = tf.shape(image)[0], tf.shape(image)[1]
         short = tf.cast(tf.minimum(h, w), tf.float32)
-        resize = tf.cast(tf.math.ceil(image_size / 0.875), tf.float32)
+        resize = tf.cast(tf.math.ceil(image_size / crop_pct), tf.float32)
         new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * resize / short), tf.int32)
         new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * resize / short), tf.int32)
         image = tf.image.resize(image, (new_h, new_w), method="bicubic")
@@ -375,3 +378,116 @@ def batched_pretrain_dataset(
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def labelled_dataset(
+    source,
+    batch_size,
+    image_size,
+    mean,
+    std,
+    train,
+    seed=0,
+    scale=(0.08, 1.0),
+    crop_pct=0.875,
+    shuffle_buffer=10_000,
+    drop_remainder=None,
+    repeat=None,
+):
+    """``(images, labels)`` batches for linear probing, finetuning and
+    evaluation.
+
+    ``train=True``: shuffle, RandomResizedCrop (``scale``; torchvision's
+    default 0.08-1 as the official probe and finetune) and horizontal flip,
+    seeded per element, repeated, full batches only. ``train=False``: resize
+    and centre crop (:func:`eval_transform`), in order, one pass, the last
+    partial batch kept (every image is evaluated). Labels are int32.
+    """
+    tf = _tf()
+    if train:
+        crop = pretrain_transform(image_size, mean, std, scale)
+        ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True) if shuffle_buffer else source
+        if repeat is not False:
+            ds = ds.repeat()
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
+
+        def augment(pair, index):
+            image, label = pair
+            return crop(image, tf.stack([tf.cast(seed, tf.int64), index])), tf.cast(label, tf.int32)
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=True if drop_remainder is None else drop_remainder)
+    else:
+        resize = eval_transform(image_size, mean, std, crop_pct)
+        ds = source.map(lambda image, label: (resize(image), tf.cast(label, tf.int32)),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder))
+        if repeat:
+            ds = ds.repeat()
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def mixup_cutmix(images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                 smoothing=0.1, seed=None):
+    """Batch-level Mixup / CutMix with label smoothing, as timm's ``Mixup``
+    (batch mode) used by the official MAE finetuning.
+
+    Each batch is mixed with itself reversed (``x[::-1]``): with probability
+    ``switch_prob`` (when both are on) CutMix pastes a box of area fraction
+    ``1 - lam``, ``lam ~ Beta(cutmix_alpha, cutmix_alpha)``, clipped to the image,
+    and ``lam`` is corrected to the pasted area; otherwise Mixup blends with
+    ``lam ~ Beta(mixup_alpha, mixup_alpha)``. Targets are smoothed one-hot
+    vectors (``1 - smoothing + smoothing / C`` on the class, ``smoothing / C``
+    elsewhere) mixed with the same ``lam``. An alpha of 0 turns a method off.
+
+    Args:
+        images: ``(B, H, W, C)`` float. labels: ``(B,)`` int.
+        seed: a ``(2,)`` int tensor for the stateless draws.
+
+    Returns ``(mixed_images, soft_targets (B, num_classes))``.
+    """
+    tf = _tf()
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}.")
+    seed = tf.zeros([2], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    off = smoothing / num_classes
+    targets = tf.one_hot(tf.cast(labels, tf.int32), num_classes, on_value=1.0 - smoothing + off, off_value=off)
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return images, targets
+
+    def beta(alpha, s):
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(s, 2))
+        a = tf.random.stateless_gamma([], s1, alpha=alpha)
+        b = tf.random.stateless_gamma([], s2, alpha=alpha)
+        return a / (a + b)
+
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = tf.random.stateless_uniform([], seeds[0]) < switch_prob
+    else:
+        use_cutmix = tf.constant(cutmix_alpha > 0)
+    images = tf.cast(images, tf.float32)
+    other = images[::-1]
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+
+    def cutmix():
+        lam = beta(cutmix_alpha, seeds[1])
+        ratio = tf.sqrt(1.0 - lam)
+        cut_h = tf.cast(tf.cast(h, tf.float32) * ratio, tf.int32)
+        cut_w = tf.cast(tf.cast(w, tf.float32) * ratio, tf.int32)
+        cy = tf.random.stateless_uniform([], seeds[2], 0, h, dtype=tf.int32)
+        cx = tf.random.stateless_uniform([], seeds[3], 0, w, dtype=tf.int32)
+        y0, y1 = tf.clip_by_value(cy - cut_h // 2, 0, h), tf.clip_by_value(cy + cut_h // 2, 0, h)
+        x0, x1 = tf.clip_by_value(cx - cut_w // 2, 0, w), tf.clip_by_value(cx + cut_w // 2, 0, w)
+        rows = tf.logical_and(tf.range(h) >= y0, tf.range(h) < y1)
+        cols = tf.logical_and(tf.range(w) >= x0, tf.range(w) < x1)
+        box = tf.cast(tf.logical_and(rows[:, None], cols[None, :]), tf.float32)[None, :, :, None]
+        lam_area = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(h * w, tf.float32)
+        return images * (1.0 - box) + other * box, lam_area
+
+    def mixup():
+        lam = beta(mixup_alpha, seeds[4])
+        return images * lam + other * (1.0 - lam), lam
+
+    mixed, lam = tf.cond(use_cutmix, cutmix, mixup)
+    return mixed, targets * lam + targets[::-1] * (1.0 - lam)

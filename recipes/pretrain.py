@@ -62,6 +62,10 @@ flags.DEFINE_string("output_dir", "runs/pretrain", "Run folder.")
 flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
 flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.")
 flags.DEFINE_integer("backup_every", 0, "Steps between preemption backups (0: at each epoch end).")
+flags.DEFINE_integer("monitor_every", 1, "Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).")
+flags.DEFINE_enum("monitor_pool", "cls", ["cls", "avg"], "Monitor features: [CLS] token or mean patch token.")
+flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.")
+flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.")
 flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the derived values; do not train.")
 
 
@@ -119,6 +123,29 @@ def build_model(channels):
         weights = {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
     return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=weights,
                  projector_input=FLAGS.projector_input, **common)
+
+
+def build_monitors(channels, mean, std):
+    """kNN and linear-probe monitors on Fashion-MNIST: fit on the first
+    ``--monitor_bank`` training images, scored on the first
+    ``--monitor_queries`` test images (resized, not augmented)."""
+    if not FLAGS.monitor_every or FLAGS.data != "fashion_mnist":
+        return []
+    from keras_lcmae import data
+    from keras_lcmae.callbacks import KNNMonitor, LinearProbeMonitor
+
+    splits = []
+    for split, limit in (("train", FLAGS.monitor_bank), ("test", FLAGS.monitor_queries)):
+        images, labels = data.load_fashion_mnist(split, limit=limit)
+        images = images[..., None] if channels == 1 else np.repeat(images[..., None], channels, -1)
+        ds = data.labelled_dataset(data.array_dataset(images, labels), 1024, FLAGS.image_size, mean, std,
+                                   train=False, crop_pct=1.0)
+        batches = [(x.numpy(), y.numpy()) for x, y in ds]
+        splits += [np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])]
+    every = FLAGS.monitor_every
+    pool = FLAGS.monitor_pool
+    return [KNNMonitor(*splits, num_classes=10, every=every, pool=pool),
+            LinearProbeMonitor(*splits, num_classes=10, every=every, pool=pool)]
 
 
 def validate_flags():
@@ -222,7 +249,7 @@ def main(argv):
     preview = keras.ops.convert_to_numpy(preview[0] if isinstance(preview, tuple) else preview)
     callbacks = pretrain_callbacks(
         output_dir, model, schedule, FLAGS.batch_size, FLAGS.save_every, skipped, preview, mean, std,
-        backup_every=FLAGS.backup_every, total_steps=total,
+        backup_every=FLAGS.backup_every, total_steps=total, monitors=build_monitors(channels, mean, std),
     )
     start = time.time()
     history = model.fit(ds, epochs=FLAGS.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=2)
