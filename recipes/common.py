@@ -38,7 +38,8 @@ def define_common_flags(defaults):
     flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size.")
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs.")
     flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: train images // batch).")
-    flags.DEFINE_integer("train_limit", None, "Use only the first N training images (quick runs).")
+    flags.DEFINE_integer("train_limit", None, "Use only the first N training images (fashion_mnist, tfds; quick runs).")
+    flags.DEFINE_integer("val_limit", None, "Evaluate on the first N validation images only (fashion_mnist, tfds; quick runs).")
     flags.DEFINE_float("blr", d["blr"], "Base lr; lr = blr * batch_size / 256.")
     flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
     flags.DEFINE_float("warmup_epochs", d["warmup_epochs"], "Linear warmup epochs.")
@@ -70,7 +71,7 @@ def labelled_data():
             channels = channels or 1
             sources = []
             for split in ("train", "test"):
-                images, labels = data.load_fashion_mnist(split, limit=FLAGS.train_limit if split == "train" else None)
+                images, labels = data.load_fashion_mnist(split, limit=FLAGS.train_limit if split == "train" else FLAGS.val_limit)
                 images = images[..., None] if channels == 1 else np.repeat(images[..., None], channels, -1)
                 sources.append((data.array_dataset(images, labels), len(images), labels))
             mean, std = data.FASHION_MNIST_MEAN * channels, data.FASHION_MNIST_STD * channels
@@ -85,6 +86,10 @@ def labelled_data():
             except ValueError:
                 val = data.tfds_dataset(FLAGS.data[5:], "test", channels=channels)
             n_train = int(train.cardinality())
+            if FLAGS.train_limit:
+                train, n_train = train.take(FLAGS.train_limit), min(n_train, FLAGS.train_limit)
+            if FLAGS.val_limit:
+                val = val.take(FLAGS.val_limit)
             import tensorflow_datasets as tfds  # tfds_dataset above checked that it is installed
 
             num_classes = tfds.builder(FLAGS.data[5:]).info.features["label"].num_classes

@@ -33,6 +33,7 @@ flags.DEFINE_float("smoothing", 0.1, "Label smoothing.")
 flags.DEFINE_float("mixup", 0.8, "Mixup alpha (0: off).")
 flags.DEFINE_float("cutmix", 1.0, "CutMix alpha (0: off).")
 flags.DEFINE_float("reprob", 0.25, "Random erasing probability.")
+flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).")
 flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).")
 flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).")
 
@@ -44,7 +45,8 @@ def train_dataset(source, num_classes, mean, std):
 
     from keras_lcmae import data
 
-    crop = data.pretrain_transform(FLAGS.image_size, (0.0,) * len(mean), (1 / 255.0,) * len(mean), (0.08, 1.0))
+    crop = data.pretrain_transform(FLAGS.image_size, (0.0,) * len(mean), (1 / 255.0,) * len(mean),
+                                   (FLAGS.crop_min_scale, 1.0))
     layers = []
     if FLAGS.randaug_magnitude > 0:
         # Keras draws the magnitude uniformly in `factor`; this range has timm's mean m/10 and std mstd/10.

@@ -141,3 +141,59 @@ def test_tfrecord_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(items[0][0], img)
     with pytest.raises(ValueError, match="no TFRecord files"):
         data.tfrecord_dataset(os.path.join(tmp_path, "*.nothing"))
+
+
+def _mix(alpha_mixup, alpha_cutmix, smoothing=0.0, seed=(3, 4)):
+    import tensorflow as tf
+
+    from keras_lcmae.data import mixup_cutmix
+
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 8, 8, 1)).astype("float32")
+    y = np.array([0, 1, 2, 3, 4, 5])
+    mixed, t = mixup_cutmix(tf.constant(x), tf.constant(y), 6, alpha_mixup, alpha_cutmix, smoothing=smoothing,
+                            seed=tf.constant(seed))
+    return x, y, mixed.numpy(), t.numpy()
+
+
+def test_mixup_blends_images_and_targets_with_one_lambda():
+    x, y, mixed, t = _mix(0.8, 0.0)
+    lam = t[0, y[0]]  # the labels are all different, so each target's own class holds lam
+    assert 0 < lam < 1
+    np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(t[np.arange(6), y], lam, rtol=1e-6)
+    np.testing.assert_allclose(t[np.arange(6), y[::-1]], 1 - lam, rtol=1e-6)
+    np.testing.assert_allclose(mixed, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_cutmix_pastes_a_box_and_lambda_is_its_area():
+    for seed in [(1, 2), (5, 6), (7, 8)]:
+        x, y, mixed, t = _mix(0.0, 1.0, seed=seed)
+        from_self = np.isclose(mixed, x) & ~np.isclose(x, x[::-1])
+        from_other = np.isclose(mixed, x[::-1]) & ~np.isclose(x, x[::-1])
+        assert np.all(from_self | from_other)  # every pixel comes from one of the two images
+        box = from_other[0, :, :, 0]
+        rows, cols = np.where(box)
+        if rows.size:  # the pasted region is one rectangle, the same for every image
+            assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+            assert np.array_equal(from_other[:, :, :, 0], np.broadcast_to(box, (6, 8, 8)))
+        lam = 1 - box.mean()
+        np.testing.assert_allclose(t[np.arange(6), y], lam, rtol=1e-6)
+
+
+def test_label_smoothing_without_mixing():
+    _, y, _, t = _mix(0.0, 0.0, smoothing=0.1)
+    expected = np.full((6, 6), 0.1 / 6)
+    expected[np.arange(6), y] = 0.9 + 0.1 / 6
+    np.testing.assert_allclose(t, expected, rtol=1e-6)
+
+
+def test_labelled_dataset_eval_keeps_every_image_in_order():
+    from keras_lcmae.data import array_dataset, labelled_dataset
+
+    images = np.random.default_rng(0).integers(0, 255, (10, 28, 28, 1)).astype(np.uint8)
+    ds = labelled_dataset(array_dataset(images, np.arange(10)), 4, 32, (0.5,), (0.5,), train=False, crop_pct=1.0)
+    batches = list(ds)
+    assert [int(b[0].shape[0]) for b in batches] == [4, 4, 2]
+    assert np.concatenate([b[1].numpy() for b in batches]).tolist() == list(range(10))
+    assert tuple(batches[0][0].shape[1:]) == (32, 32, 1)

@@ -111,3 +111,45 @@ def test_bad_input_is_a_clear_error(script, case, encoder_file, unlabelled_folde
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def _probe(encoder, splits):
+    from keras_lcmae.evaluation import extract_features, linear_probe_accuracy
+
+    (bx, by), (qx, qy) = splits
+    f, _ = extract_features(encoder, bx, pool="cls")
+    g, _ = extract_features(encoder, qx, pool="cls")
+    return linear_probe_accuracy(f, by, g, qy, 10)
+
+
+def test_pretraining_beats_the_random_encoder_across_seeds():
+    """Real Fashion-MNIST, tiny scale: 100 LC-MAE steps (ViT 64x2, patch 4,
+    batch 64) lift the linear probe of the [CLS] feature above the same
+    encoder at its random initialisation, for each of three seeds (measured
+    gains at the time of writing: +4.2, +1.1, +4.5 points)."""
+    import keras
+
+    from keras_lcmae import LCMAE, TransformerDecoder, ViTEncoder, data, optim
+
+    mean, std = data.FASHION_MNIST_MEAN, data.FASHION_MNIST_STD
+    splits = []
+    for split, n in (("train", 3000), ("test", 2000)):
+        images, labels = data.load_fashion_mnist(split, limit=n)
+        ds = data.labelled_dataset(data.array_dataset(images[..., None], labels), 1000, 32, mean, std,
+                                   train=False, crop_pct=1.0)
+        batches = [(x.numpy(), y.numpy()) for x, y in ds]
+        splits.append((np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])))
+    images, labels = data.load_fashion_mnist("train")
+    gains = []
+    for seed in (0, 1, 2):
+        keras.utils.clear_session()
+        keras.utils.set_random_seed(seed)
+        encoder = ViTEncoder(image_size=32, patch_size=4, num_channels=1, hidden_dim=64, depth=2, num_heads=4)
+        before = _probe(encoder, splits)
+        model = LCMAE(encoder, TransformerDecoder(64, 1, 4), projector_dim=64, loss_weights="a", seed=seed)
+        ds = data.batched_pretrain_dataset(data.array_dataset(images, labels), 64, 32, mean, std, seed=seed)
+        schedule = optim.WarmupCosine(optim.scaled_lr(3e-3, 64), 100, 100)
+        model.compile(optimizer=optim.adamw(model, schedule, 0.05))
+        model.fit(ds, epochs=1, steps_per_epoch=100, verbose=0)
+        gains.append(_probe(encoder, splits) - before)
+    assert min(gains) > 0.005, gains

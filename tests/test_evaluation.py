@@ -142,3 +142,17 @@ def test_extract_features_bad_input(rng):
         extract_features(encoder, [])
     with pytest.raises(ValueError, match="iterable of batches"):
         extract_features(encoder, 3)
+
+
+def test_linear_probe_accuracy_on_separable_and_noisy_data():
+    from keras_lcmae.evaluation import linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 16)) * 3
+    y = rng.integers(0, 4, 400)
+    x = centers[y] + rng.normal(size=(400, 16)) * 0.1  # clusters: a linear probe is exact
+    assert linear_probe_accuracy(x[:300], y[:300], x[300:], y[300:], 4) == 1.0
+    noise = rng.normal(size=(400, 16))  # labels independent of the features: chance
+    assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:], 4) < 0.45
+    with pytest.raises(ValueError, match="labels"):
+        linear_probe_accuracy(x, y + 4, x, y, 4)
