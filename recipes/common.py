@@ -150,6 +150,20 @@ def build_encoder(channels, drop_path_rate=None):
         raise app.UsageError(f"--encoder={FLAGS.encoder}: {e}") from None
 
 
+def lr_schedule(n_train, num_classes):
+    """``(steps_per_epoch, schedule, derived)``: lr = blr * batch / 256, linear
+    warmup over ``--warmup_epochs`` then cosine to ``--min_lr``, per step."""
+    from keras_lcmae import optim
+
+    steps = FLAGS.steps_per_epoch or max(n_train // FLAGS.batch_size, 1)
+    lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
+    total = steps * FLAGS.epochs
+    warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
+    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n_train,
+                   num_classes=num_classes, encoder=FLAGS.encoder)
+    return steps, optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr), derived
+
+
 def check_labels(labels, num_classes, where):
     labels = np.asarray(labels)
     if labels.size == 0 or labels.min() < 0:

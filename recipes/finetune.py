@@ -88,19 +88,13 @@ def main(argv):
     import keras
     import tensorflow as tf
 
-    from keras_lcmae import ViTClassifier, data, finetune_adamw, optim
+    from keras_lcmae import ViTClassifier, data, finetune_adamw
 
     keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
     encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path)
     model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool)
-    steps = FLAGS.steps_per_epoch or max(n_train // FLAGS.batch_size, 1)
-    lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
-    total = steps * FLAGS.epochs
-    warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
-    schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
-    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n_train,
-                   num_classes=num_classes, encoder=FLAGS.encoder)
+    steps, schedule, derived = common.lr_schedule(n_train, num_classes)
     model.compile(
         optimizer=finetune_adamw(model, schedule, FLAGS.weight_decay, FLAGS.layer_decay),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),

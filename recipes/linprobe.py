@@ -47,19 +47,13 @@ def main(argv):
     common.validate_common_flags()
     import keras
 
-    from keras_lcmae import LARS, ViTClassifier, data, extract_features, optim
+    from keras_lcmae import LARS, ViTClassifier, data, extract_features
 
     keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
     encoder = common.build_encoder(channels)
     before = [w.copy() for w in encoder.get_weights()]
-    steps = FLAGS.steps_per_epoch or max(n_train // FLAGS.batch_size, 1)
-    lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
-    total = steps * FLAGS.epochs
-    warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
-    schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
-    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n_train,
-                   num_classes=num_classes, encoder=FLAGS.encoder)
+    steps, schedule, derived = common.lr_schedule(n_train, num_classes)
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
