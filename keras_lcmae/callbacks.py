@@ -202,6 +202,118 @@ class LinearProbeMonitor(keras.callbacks.Callback):
             logs["linprobe_top1"] = float(self.accuracy())
 
 
+class OnlineLinearProbe(keras.callbacks.Callback):
+    """An online linear probe: a linear head on stop-gradient encoder
+    features, trained alongside pretraining (one SGD step every ``every``
+    training steps on a labelled batch) and scored on a held-out split at each
+    epoch end as ``online_probe_top1`` (place it before the TensorBoard
+    callback). ``online_probe_train_top1`` is the head's accuracy on the
+    batches it trained on during the epoch (before each step).
+
+    The head (:class:`keras_lcmae.evaluation.OnlineLinearHead`: BatchNorm
+    without affine, then linear, SGD with momentum) lives in numpy, so no
+    gradient can reach the encoder; features are the ``[CLS]`` token or the
+    mean patch token of full, unmasked images in inference mode. The labelled
+    batches cycle through ``train_images`` in an order drawn from ``seed``.
+    Cost: one encoder forward pass of ``batch_size`` full images per probe
+    step. The head is not part of the backup: a resumed run starts it afresh.
+    """
+
+    def __init__(self, train_images, train_labels, query_images, query_labels, num_classes, pool="cls", every=1,
+                 batch_size=64, learning_rate=0.1, seed=0):
+        super().__init__()
+        self.train = (np.asarray(train_images, np.float32), np.asarray(train_labels).reshape(-1))
+        self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels).reshape(-1))
+        if len(self.train[0]) < 2 or len(self.train[0]) != len(self.train[1]):
+            raise ValueError("OnlineLinearProbe needs at least 2 labelled training images, one label each.")
+        self.num_classes = int(num_classes)
+        self.pool = pool
+        self.every = max(int(every), 1)
+        self.batch_size = int(min(batch_size, len(self.train[0])))
+        self.learning_rate = float(learning_rate)
+        self.rng = np.random.default_rng(seed)
+        self.head = None
+        self._order, self._pos, self._seen = None, 0, 0
+
+    def _features(self, images):
+        from keras_lcmae.evaluation import extract_features  # noqa: PLC0415
+
+        return extract_features(self.model, images, pool=self.pool, batch_size=256)[0]
+
+    def _next_batch(self):
+        n = len(self.train[0])
+        if self._order is None or self._pos + self.batch_size > n:
+            self._order, self._pos = self.rng.permutation(n), 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.train[0][idx], self.train[1][idx]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._correct, self._count = 0.0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._seen += 1
+        if (self._seen - 1) % self.every:
+            return
+        x, y = self._next_batch()
+        features = self._features(x)
+        if self.head is None:
+            from keras_lcmae.evaluation import OnlineLinearHead  # noqa: PLC0415
+
+            self.head = OnlineLinearHead(features.shape[1], self.num_classes, self.learning_rate)
+        self._correct += self.head.update(features, y) * len(y)
+        self._count += len(y)
+
+    def accuracy(self):
+        """Top-1 of the current head on the held-out split."""
+        if self.head is None:
+            return float("nan")
+        return float(np.mean(self.head.predict(self._features(self.query[0])) == self.query[1]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["online_probe_top1"] = self.accuracy()
+        if self._count:
+            logs["online_probe_train_top1"] = self._correct / self._count
+
+
+class InformedMaskingSchedule(keras.callbacks.Callback):
+    """Switches a ``masking="self_guided"`` MAE/LCMAE from random to informed
+    masks: at the start of each epoch it sets the model's non-trainable
+    ``informed_active`` variable to 1 when ``epoch >= start_epoch`` and to 0
+    before (``start_epoch`` defaults to the model's ``informed_start_epoch``).
+    The compiled step reads the variable, so one graph serves both phases, and
+    a run resumed by ``BackupAndRestore`` gets the right value for its epoch.
+
+    Example:
+    >>> schedule = InformedMaskingSchedule()   # model.fit(..., callbacks=[schedule])
+    """
+
+    def __init__(self, start_epoch=None):
+        super().__init__()
+        if start_epoch is not None and (isinstance(start_epoch, bool) or int(start_epoch) != start_epoch
+                                        or start_epoch < 0):
+            raise ValueError(f"start_epoch must be an integer >= 0 or None (the model's), got {start_epoch!r}.")
+        self.start_epoch = start_epoch
+
+    def _variable(self):
+        variable = getattr(self.model, "informed_active", None)
+        if variable is None:
+            raise ValueError(
+                "InformedMaskingSchedule needs a model built with masking='self_guided' "
+                f"(got masking={getattr(self.model, 'masking', None)!r})."
+            )
+        return variable
+
+    def on_train_begin(self, logs=None):
+        self._variable()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        start = self.model.informed_start_epoch if self.start_epoch is None else int(self.start_epoch)
+        self._variable().assign(1.0 if epoch >= start else 0.0)
+
+
 def pretrain_callbacks(
     output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None,
     backup_every=0, total_steps=None, monitors=(),
@@ -213,8 +325,11 @@ def pretrain_callbacks(
     write falls back to the previous one. ``total_steps`` stops the run at
     exactly that many optimizer steps (see :class:`StopAtStep`). ``monitors``
     (e.g. :class:`KNNMonitor`, :class:`LinearProbeMonitor`) run before the
-    TensorBoard callback so that their figures are logged."""
+    TensorBoard callback so that their figures are logged. A
+    ``masking="self_guided"`` model also gets :class:`InformedMaskingSchedule`."""
     callbacks = [TrainingStats(schedule, batch_size), *monitors]
+    if getattr(model, "masking", "random") == "self_guided":
+        callbacks.insert(0, InformedMaskingSchedule())
     if skipped is not None:
         callbacks.append(SkippedFilesWarning(skipped))
     callbacks += [

@@ -228,3 +228,67 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
         vb = 0.9 * vb - learning_rate * grad.sum(0)
         w, b = w + vw, b + vb
     return float(np.mean(np.argmax(q @ w + b, axis=1) == yq))
+
+
+class OnlineLinearHead:
+    """A linear classifier trained online, one mini-batch at a time, on
+    frozen features (numpy): BatchNorm without affine (batch statistics while
+    training, running statistics with momentum ``bn_momentum`` for
+    prediction, eps 1e-6, as the official probe's head) then a linear layer
+    trained by SGD with momentum 0.9 on the softmax cross-entropy.
+
+    It is the head of :class:`keras_lcmae.callbacks.OnlineLinearProbe`; the
+    features it sees carry no gradient back to the encoder.
+
+    Example:
+    >>> head = OnlineLinearHead(2, 2)
+    >>> x = np.array([[1., 0.], [0., 1.]] * 8); y = np.array([0, 1] * 8)
+    >>> for _ in range(20): _ = head.update(x, y)
+    >>> head.predict(x)[:2].tolist()
+    [0, 1]
+    """
+
+    def __init__(self, dim, num_classes, learning_rate=0.1, momentum=0.9, bn_momentum=0.9):
+        if int(dim) < 1 or int(num_classes) < 2:
+            raise ValueError(f"OnlineLinearHead needs dim >= 1 and num_classes >= 2, got {dim}, {num_classes}.")
+        self.num_classes = int(num_classes)
+        self.learning_rate, self.momentum, self.bn_momentum = float(learning_rate), float(momentum), float(bn_momentum)
+        self.w = np.zeros((int(dim), self.num_classes))
+        self.b = np.zeros(self.num_classes)
+        self._vw, self._vb = np.zeros_like(self.w), np.zeros_like(self.b)
+        self.running_mean = np.zeros(int(dim))
+        self.running_var = np.ones(int(dim))
+        self.steps = 0
+
+    def update(self, features, labels):
+        """One SGD step on a batch; returns the batch's accuracy before the step."""
+        x = np.asarray(features, np.float64)
+        y = np.asarray(labels).reshape(-1).astype(int)
+        if x.ndim != 2 or x.shape[1] != self.w.shape[0] or len(x) != len(y) or len(x) < 2:
+            raise ValueError(
+                f"OnlineLinearHead.update needs (n >= 2, {self.w.shape[0]}) features and n labels, "
+                f"got {x.shape} and {y.shape}."
+            )
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}).")
+        mean, var = x.mean(0), x.var(0)
+        m = self.bn_momentum
+        self.running_mean = m * self.running_mean + (1 - m) * mean
+        self.running_var = m * self.running_var + (1 - m) * x.var(0, ddof=1)  # unbiased, as BatchNorm's running var
+        z = (x - mean) / np.sqrt(var + 1e-6)
+        logits = z @ self.w + self.b
+        accuracy = float(np.mean(np.argmax(logits, 1) == y))
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        grad = (p - np.eye(self.num_classes)[y]) / len(x)
+        self._vw = self.momentum * self._vw + z.T @ grad
+        self._vb = self.momentum * self._vb + grad.sum(0)
+        self.w -= self.learning_rate * self._vw
+        self.b -= self.learning_rate * self._vb
+        self.steps += 1
+        return accuracy
+
+    def predict(self, features):
+        z = (np.asarray(features, np.float64) - self.running_mean) / np.sqrt(self.running_var + 1e-6)
+        return np.argmax(z @ self.w + self.b, axis=1)

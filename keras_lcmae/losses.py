@@ -255,3 +255,49 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
     total_var = ops.sum(sqs / ops.square(ns)) / count - ops.sum(mean_f * mean_fa)
     v_std = ops.sqrt(ops.maximum(total_var, 0.0) / d)
     return {"cross": l_cross, "in": l_in, "v_std": v_std}
+
+
+def block_stats(target, valid, eps=1e-6):
+    """Per-token ``mean`` and ``sqrt(var + eps)`` of ``target`` ``(B, N, P)``
+    over the entries where ``valid`` (broadcastable to it, 1 = real pixel) is
+    set, with the **unbiased** variance (as :func:`patch_stats`, which it equals
+    when every entry is valid)."""
+    target = ops.cast(target, "float32")
+    valid = ops.cast(valid, "float32") * ops.ones_like(target)
+    count = ops.sum(valid, axis=-1, keepdims=True)
+    mean = ops.sum(target * valid, axis=-1, keepdims=True) / ops.maximum(count, 1.0)
+    var = ops.sum(valid * ops.square(target - mean), axis=-1, keepdims=True) / ops.maximum(count - 1.0, 1.0)
+    return mean, ops.sqrt(var + eps)
+
+
+def block_reconstruction_loss(pred, target, valid, norm_pix_loss=True):
+    """AutoEncoder(k) loss: squared error averaged over the **valid** entries
+    of every token's target block (entries that fall in the zero padding
+    outside the image do not count).
+
+    ``sum valid * (pred - t)^2 / sum valid`` over the whole batch, where ``t``
+    is ``target`` or, with ``norm_pix_loss``, ``target`` normalised per token
+    by the mean and unbiased variance of its valid entries (eps 1e-6, see
+    :func:`block_stats`). With every entry valid this equals
+    :func:`reconstruction_loss` with every patch masked.
+
+    Args:
+        pred: ``(B, N, P)`` predictions.
+        target: ``(B, N, P)`` target blocks.
+        valid: ``(N, P)`` or ``(B, N, P)``, 1 where the target is a real pixel.
+        norm_pix_loss: normalise each target block first.
+
+    Example:
+    >>> t = np.random.rand(2, 4, 12).astype("float32")
+    >>> float(block_reconstruction_loss(t, t, np.ones((4, 12)), norm_pix_loss=False))
+    0.0
+    """
+    _check_rank("pred", pred, 3)
+    _check_rank("target", target, 3)
+    _check_same(("pred", "target"), (pred, target), (0, 1, 2))
+    pred = ops.cast(pred, "float32")
+    if norm_pix_loss:
+        mean, std = block_stats(target, valid)
+        target = (ops.cast(target, "float32") - mean) / std
+    valid = ops.cast(valid, "float32") * ops.ones_like(pred)
+    return global_mean(ops.sum(valid * ops.square(pred - ops.cast(target, "float32"))), ops.sum(valid))

@@ -88,3 +88,106 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
         "ids_keep": ids_keep,
         "ids_masked": ids_shuffle[:, len_keep:],
     }
+
+
+def num_hints(num_patches, mask_ratio, hint_ratio):
+    """Hint tokens requested per image: ``round(hint_ratio * M)`` with
+    ``M = N - int(N * (1 - mask_ratio))`` the masked budget.
+
+    Example:
+    >>> num_hints(64, 0.75, 0.05)
+    2
+    """
+    try:
+        ratio = float(hint_ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"hint_ratio must be a number in [0, 1), got {hint_ratio!r}.") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"hint_ratio must lie in [0, 1) (a fraction of the masked patches), got {hint_ratio!r}.")
+    masked = num_patches - num_visible(num_patches, mask_ratio)
+    return int(round(ratio * masked))
+
+
+def _ranks(values):
+    """Rank of each entry along axis 1 (0 = smallest), int32 ``(B, N)``."""
+    return ops.cast(ops.argsort(ops.argsort(values, axis=1), axis=1), "int32")
+
+
+def informed_noise(assignments, mask_ratio, hint_ratio=0.05, noise=None, seed=None):
+    """Noise that makes :func:`random_masking` produce a self-guided informed
+    mask (Self-guided MAE, Shin et al. 2024): the patches of cluster **1** in
+    ``assignments`` are masked first.
+
+    With ``N`` patches, ``K = int(N * (1 - mask_ratio))`` visible, ``M = N - K``
+    masked, ``C`` the cluster's size in the image and
+    ``H = min(round(hint_ratio * M), C, K)`` hints:
+
+    * ``H`` cluster patches, drawn at random, are **hints**: always visible;
+    * the other ``C - H`` cluster patches are masked first, in random order;
+      if they exceed ``M``, the excess stays visible at random; if they fall
+      short, the rest of the budget is filled with random non-cluster patches;
+    * so every row has exactly ``K`` visible patches, ``min(M, C - H)`` masked
+      cluster patches and ``max(H, C - M)`` visible cluster patches (hints only
+      make a difference when the cluster would otherwise be (almost) fully
+      masked; the cap ``K`` keeps the count exact when the cluster is huge).
+
+    The noise is built from one uniform draw ``u`` per patch as
+    ``level + rank(u) / N`` with level 0 for hints, 1 for non-cluster patches
+    and 2 for the other cluster patches: sorting it keeps the hints first and
+    the cluster last, and ``u`` orders patches within each level. No
+    data-dependent Python control flow: it compiles on every backend.
+
+    Args:
+        assignments: ``(B, N)`` cluster ids in {0, 1} (e.g.
+            :func:`keras_lcmae.clustering.bipartition`); 1 = mask first.
+        mask_ratio: fraction of patches removed, in (0, 1).
+        hint_ratio: fraction of the masked budget ``M`` given back as visible
+            hint patches of the cluster, in [0, 1).
+        noise: optional ``(B, N)`` uniform noise ``u``; drawn when omitted.
+        seed: int or ``keras.random.SeedGenerator`` to draw ``u``.
+
+    Returns:
+        ``(B, N)`` float32 noise in ``[0, 3)``.
+
+    Example:
+    >>> import numpy as np
+    >>> a = np.array([[1] * 4 + [0] * 12])
+    >>> m = random_masking(np.zeros((1, 16, 2)), 0.5, noise=informed_noise(a, 0.5, 0.0, seed=0))["mask"]
+    >>> np.asarray(m)[0, :4].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    n = assignments.shape[1]
+    keep = num_visible(n, mask_ratio)
+    hints = num_hints(n, mask_ratio, hint_ratio)
+    assignments = ops.convert_to_tensor(assignments)
+    if noise is None:
+        noise = replica_uniform(ops.shape(assignments)[:2], seed)
+    elif tuple(noise.shape[1:]) != (n,):
+        raise ValueError(f"noise must have shape (batch, {n}) to match the assignments, got {tuple(noise.shape)}.")
+    in_cluster = ops.cast(ops.equal(ops.cast(assignments, "int32"), 1), "float32")
+    u = ops.cast(_ranks(noise), "float32") / float(n)  # in [0, 1), ties broken, any input scale
+    # rank of each cluster patch among the cluster (non-cluster patches sort after)
+    cluster_rank = _ranks(u + 2.0 * (1.0 - in_cluster))
+    size = ops.cast(ops.sum(in_cluster, axis=1, keepdims=True), "int32")
+    h = ops.minimum(ops.minimum(size, keep), hints)
+    hint = ops.logical_and(ops.greater(in_cluster, 0.5), ops.less(cluster_rank, h))
+    level = ops.where(hint, 0.0, 1.0 + in_cluster)
+    return level + u
+
+
+def informed_masking(x, mask_ratio, assignments, hint_ratio=0.05, noise=None, seed=None):
+    """Self-guided informed masking: :func:`random_masking` with the noise of
+    :func:`informed_noise`, so ``ids_restore``/``ids_keep``/``mask`` keep the
+    official semantics and exactly ``int(N * (1 - mask_ratio))`` patches stay
+    visible.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.zeros((2, 16, 8), "float32")
+    >>> a = np.array([[1] * 6 + [0] * 10] * 2)
+    >>> out = informed_masking(x, 0.75, a, hint_ratio=0.0, seed=0)
+    >>> float(np.asarray(out["mask"])[:, :6].min())
+    1.0
+    """
+    noise = informed_noise(assignments, mask_ratio, hint_ratio, noise=noise, seed=seed)
+    return random_masking(x, mask_ratio, noise=noise)

@@ -13,12 +13,16 @@ from keras_lcmae.decoders import TransformerDecoder
 from keras_lcmae.distribute import scale_loss_for_replicas, step_logs
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.losses import (
+    block_reconstruction_loss,
+    block_stats,
     contrastive_terms,
     normalize_patches,
     patch_stats,
     reconstruction_loss,
 )
-from keras_lcmae.masking import num_visible, random_masking
+from keras_lcmae.clustering import bipartition
+from keras_lcmae.distribute import replica_uniform
+from keras_lcmae.masking import informed_noise, num_hints, num_visible, random_masking
 from keras_lcmae.ops import patchify, take_tokens, unpatchify
 
 
@@ -28,6 +32,10 @@ def _as_layer(obj, default_cls):
     if isinstance(obj, str):
         return default_cls.from_preset(obj)
     return obj
+
+
+def _is_whole(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
 
 
 def unpack_inputs(inputs, noise=None):
@@ -60,6 +68,29 @@ class MAE(keras.Model):
         norm_pix_loss: reconstruct per-patch normalised pixels (official
             default for the reported results).
         seed: seed of the masking noise.
+        masking: ``"random"`` (official MAE, the default) or ``"self_guided"``
+            (Self-guided MAE, Shin et al. 2024): from ``informed_start_epoch``
+            on, each image's patches are bi-partitioned
+            (:func:`keras_lcmae.clustering.bipartition`) on the model's own
+            features of **all** patches, and cluster 1 is masked first, with
+            ``hint_ratio`` of the masked budget given back as visible hints
+            (:func:`keras_lcmae.masking.informed_noise`). Explicit ``noise``
+            always gives official random masking.
+        informed_start_epoch: first epoch (0-based) with informed masks;
+            random masks before it. The switch is the non-trainable variable
+            ``informed_active``, set at each epoch start by
+            :class:`keras_lcmae.callbacks.InformedMaskingSchedule` (without that
+            callback the variable keeps its initial value: 1 iff
+            ``informed_start_epoch == 0``).
+        hint_ratio: fraction of the masked patches given back as hints, in [0, 1).
+        guide_layer: features guiding the partition: an encoder block index
+            (``-1``, the default, is the last block; its output before the
+            final norm) or ``"decoder"`` (the decoder's last hidden features
+            with nothing masked). They are computed on all ``N`` patches in
+            inference mode under ``stop_gradient``: one extra forward pass
+            (encoder up to that block, or encoder + decoder) per step with no
+            backward, about ``1/(1 - mask_ratio)`` times the cost of the
+            visible-token encoder pass. ``masking="random"`` does none of it.
 
     Calling the model returns a dict: ``pred`` ``(B, N, p*p*C)``, ``mask``
     ``(B, N)`` (1 = removed), ``ids_restore`` ``(B, N)``, ``latent``
@@ -74,7 +105,10 @@ class MAE(keras.Model):
     True
     """
 
-    def __init__(self, encoder, decoder=None, mask_ratio=0.75, norm_pix_loss=True, seed=None, **kwargs):
+    MASKINGS = ("random", "self_guided")
+
+    def __init__(self, encoder, decoder=None, mask_ratio=0.75, norm_pix_loss=True, seed=None, masking="random",
+                 informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1, **kwargs):
         kwargs.setdefault("name", "mae")
         super().__init__(**kwargs)
         self.encoder = _as_layer(encoder, ViTEncoder)
@@ -88,8 +122,39 @@ class MAE(keras.Model):
         self.norm_pix_loss = bool(norm_pix_loss)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self._configure_masking(masking, informed_start_epoch, hint_ratio, guide_layer)
         self.loss_mae_tracker = keras.metrics.Mean(name="loss_mae")
         self.built = True
+
+    def _configure_masking(self, masking, informed_start_epoch, hint_ratio, guide_layer):
+        if masking not in self.MASKINGS:
+            raise ValueError(f"masking must be one of {self.MASKINGS}, got {masking!r}.")
+        if not _is_whole(informed_start_epoch) or informed_start_epoch < 0:
+            raise ValueError(
+                f"informed_start_epoch must be an integer >= 0 (the first epoch with informed masks), "
+                f"got {informed_start_epoch!r}."
+            )
+        num_hints(self.encoder.num_patches, self.mask_ratio, hint_ratio)  # validates hint_ratio
+        depth = self.encoder.depth
+        if guide_layer != "decoder" and (
+            isinstance(guide_layer, bool) or not isinstance(guide_layer, int) or not -depth <= guide_layer < depth
+        ):
+            raise ValueError(
+                f"guide_layer must be an encoder block index in [-{depth}, {depth}) (-1: last block) or "
+                f"'decoder', got {guide_layer!r}."
+            )
+        self.masking = masking
+        self.informed_start_epoch = int(informed_start_epoch)
+        self.hint_ratio = float(hint_ratio)
+        self.guide_layer = guide_layer
+        self.informed_active = None
+        if masking == "self_guided":
+            self.informed_active = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(1.0 if self.informed_start_epoch == 0 else 0.0),
+                trainable=False,
+                name="informed_active",
+            )
 
     def decoder_output_dim(self):
         """Values predicted per token: one patch, ``p*p*C``."""
@@ -99,10 +164,49 @@ class MAE(keras.Model):
     def random_masking(self, x, noise=None):
         return random_masking(x, self.mask_ratio, noise=noise, seed=self.seed_generator)
 
+    def guide_features(self, tokens):
+        """Features of **all** patches that guide the informed mask,
+        ``(B, N, F)``: ``tokens`` from ``encoder.embed`` through the encoder
+        up to block ``guide_layer`` (or the whole encoder and the decoder with
+        nothing masked when ``guide_layer="decoder"``), in inference mode,
+        without gradient."""
+        x = ops.stop_gradient(tokens)
+        if self.guide_layer == "decoder":
+            latent = self.encoder.forward_tokens(x, training=False)
+            n = self.encoder.num_patches
+            ids = ops.arange(n, dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
+            features = self.decoder(latent, ids, training=False)["hidden"]
+        else:
+            enc = self.encoder
+            cls = ops.cast(enc.cls_token + enc.pos_embed[:, :1, :], x.dtype)
+            x = ops.concatenate([ops.broadcast_to(cls, (ops.shape(x)[0], 1, enc.hidden_dim)), x], axis=1)
+            for block in enc.blocks[: self.guide_layer % enc.depth + 1]:
+                x = block(x, training=False)
+            features = x[:, 1:]
+        return ops.stop_gradient(features)
+
+    def apply_masking(self, x, noise=None, guide_tokens=None, views=1):
+        """The model's masking of tokens ``x`` ``(B, N, D)``: official
+        :func:`random_masking` when ``masking="random"`` or ``noise`` is given;
+        otherwise self-guided informed masking blended by ``informed_active``
+        (0: exactly the random mask of the same draw; 1: informed). For
+        ``views > 1`` (LC-MAE) ``x`` stacks ``views`` copies of
+        ``guide_tokens`` on the batch axis: the partition is computed once
+        and shared, the noise is independent per row."""
+        if self.masking == "random" or noise is not None:
+            return self.random_masking(x, noise)
+        u = replica_uniform(ops.shape(x)[:2], self.seed_generator)
+        assignments = bipartition(self.guide_features(x if guide_tokens is None else guide_tokens))
+        if views > 1:
+            assignments = ops.concatenate([assignments] * views, axis=0)
+        informed = informed_noise(assignments, self.mask_ratio, self.hint_ratio, noise=u)
+        active = ops.greater(ops.convert_to_tensor(self.informed_active), 0.5)
+        return random_masking(x, self.mask_ratio, noise=ops.where(active, informed, u))
+
     def forward_encoder(self, images, noise=None, training=None):
         """Returns ``latent (B, 1+K, D)``, ``mask (B, N)``, ``ids_restore (B, N)``."""
         x = self.encoder.embed(images)
-        masked = self.random_masking(x, noise)
+        masked = self.apply_masking(x, noise)
         latent = self.encoder.forward_tokens(masked["x_masked"], training=training)
         return latent, masked["mask"], masked["ids_restore"]
 
@@ -162,6 +266,10 @@ class MAE(keras.Model):
             mask_ratio=self.mask_ratio,
             norm_pix_loss=self.norm_pix_loss,
             seed=self.seed,
+            masking=self.masking,
+            informed_start_epoch=self.informed_start_epoch,
+            hint_ratio=self.hint_ratio,
+            guide_layer=self.guide_layer,
         )
         return config
 
@@ -231,6 +339,11 @@ class LCMAE(MAE):
 
     Args:
         encoder, decoder, mask_ratio, norm_pix_loss, seed: as :class:`MAE`.
+        masking, informed_start_epoch, hint_ratio, guide_layer: as
+            :class:`MAE`; with ``"self_guided"`` the partition is computed once
+            per image and both views mask the **same** cluster first, with
+            independent noise (their hints, the order inside each level and
+            so the masks differ).
         projector_dim: output width of the projector (paper: 1024).
         loss_weights: a setting of Table 1 (``"a"``-``"g"``; ``"a"`` = all
             three losses, the default), or ``(w_mae, w_cross, w_in)``, or a dict.
@@ -269,10 +382,17 @@ class LCMAE(MAE):
         mask_ratio=0.75,
         norm_pix_loss=True,
         seed=None,
+        masking="random",
+        informed_start_epoch=0,
+        hint_ratio=0.05,
+        guide_layer=-1,
         **kwargs,
     ):
         kwargs.setdefault("name", "lcmae")
-        super().__init__(encoder, decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, seed=seed, **kwargs)
+        super().__init__(
+            encoder, decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, seed=seed, masking=masking,
+            informed_start_epoch=informed_start_epoch, hint_ratio=hint_ratio, guide_layer=guide_layer, **kwargs,
+        )
         if projector_input not in self.PROJECTOR_INPUTS:
             raise ValueError(f"projector_input must be one of {self.PROJECTOR_INPUTS}, got {projector_input!r}.")
         if in_view_target not in self.IN_VIEW_TARGETS:
@@ -330,7 +450,7 @@ class LCMAE(MAE):
         images, noise = unpack_inputs(inputs, noise)
         noise = self._two_view_noise(noise, images.shape[0])
         tokens = self.encoder.embed(images)  # patch embedding once for both views
-        masked = self.random_masking(ops.concatenate([tokens, tokens], axis=0), noise)
+        masked = self.apply_masking(ops.concatenate([tokens, tokens], axis=0), noise, guide_tokens=tokens, views=2)
         latent = self.encoder.forward_tokens(masked["x_masked"], training=training)
         decoded = self.forward_decoder(latent, masked["ids_restore"], training=training)
         features = decoded["pred"] if self.projector_input == "pred" else decoded["hidden"]
@@ -398,4 +518,174 @@ class LCMAE(MAE):
             projector_input=self.projector_input,
             in_view_target=self.in_view_target,
         )
+        return config
+
+
+# -- AutoEncoder(k): the no-masking baseline of Sec. 4.2 (Table 3, Fig. 7) -------
+
+
+def block_indices(image_size, patch_size, block_size):
+    """Numpy constants of the AutoEncoder(k) targets.
+
+    The image is padded by ``r = (k - p) / 2`` pixels on every side; token
+    ``(i, j)`` reads the ``k x k`` block of the padded image whose top-left
+    pixel is ``(i*p, j*p)``, i.e. the block centred on its patch.
+
+    Returns:
+        ``indices`` ``(N, k*k)`` int32 into the padded image flattened as
+        ``(H + 2r) * (W + 2r)`` pixels (row-major), block pixels row-major;
+        ``valid`` ``(N, k*k)`` float32, 1 where the pixel lies inside the
+        original image, 0 in the padding.
+
+    Example:
+    >>> idx, valid = block_indices(32, 8, 16)
+    >>> idx.shape, float(valid[0].sum()), float(valid[9].sum())
+    ((16, 256), 144.0, 256.0)
+    """
+    h, w = (int(s) for s in (image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)))
+    p, k = int(patch_size), int(block_size)
+    r = (k - p) // 2
+    rows, cols = h // p, w // p
+    padded_w = w + 2 * r
+    gi, gj = np.divmod(np.arange(rows * cols), cols)
+    di, dj = np.divmod(np.arange(k * k), k)
+    y = gi[:, None] * p + di[None, :]  # padded coordinates
+    x = gj[:, None] * p + dj[None, :]
+    indices = (y * padded_w + x).astype("int32")
+    valid = ((y >= r) & (y < h + r) & (x >= r) & (x < w + r)).astype("float32")
+    return indices, valid
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class AutoEncoder(MAE):
+    """AE(k), the no-masking baseline of the LC-MAE paper (Sec. 4.2, Table 3,
+    Fig. 7, Appendix A).
+
+    There is no masking: the encoder sees **all** patches, the decoder (any of
+    ``keras_lcmae.decoders``; it gets the identity ``ids_restore``, so no mask
+    token is inserted) predicts for every token the ``k x k`` pixel block
+    centred on that token's patch, ``k*k*C`` values laid out
+    ``(row, col, channel)`` as :func:`keras_lcmae.ops.patchify`. ``AE(p)``
+    (``block_size == patch_size``) is MAE without masking: its target is
+    exactly MAE's target on every token.
+
+    Border handling: the (normalised) image is zero-padded by
+    ``r = (k - p) / 2`` pixels; padded pixels are excluded from the loss by a
+    per-pixel validity mask. The loss is the squared error averaged over the
+    valid pixels of all tokens of the batch; with ``norm_pix_loss`` each target
+    block is normalised by the mean and unbiased variance of its valid pixels
+    (eps 1e-6), which for ``k = p`` is MAE's per-patch normalisation. The block
+    gather indices are a numpy constant built once (:func:`block_indices`) and
+    applied with ``keras.ops.take``.
+
+    Args:
+        encoder: a :class:`ViTEncoder` (or a preset name).
+        decoder: any decoder from ``keras_lcmae.decoders`` (default: MAE's
+            ``TransformerDecoder``); its output width is set to ``k*k*C``.
+        block_size: ``k``, the side of the predicted block in pixels;
+            ``None`` means ``patch_size``. Needs ``k >= patch_size`` and
+            ``k - patch_size`` even (so the block is centred).
+        norm_pix_loss: normalise each target block (see above).
+
+    Reports ``loss`` and ``loss_mae`` (the reconstruction loss, named as MAE's
+    so logs compare). ``call`` returns ``pred`` ``(B, N, k*k*C)``, ``mask``
+    ``(B, N)`` of **ones** (every token is a prediction target; nothing is
+    hidden from the encoder), the identity ``ids_restore`` and ``latent``
+    ``(B, 1+N, D)``; ``noise`` is accepted and ignored.
+
+    Example:
+    >>> ae = AutoEncoder(ViTEncoder.from_preset("vit_test"),
+    ...                  TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
+    ...                  block_size=24)
+    >>> ae.compile(optimizer="adam")
+    >>> history = ae.fit(np.random.rand(8, 32, 32, 3), batch_size=4, verbose=0)
+    >>> tuple(ae(np.zeros((1, 32, 32, 3)))["pred"].shape)
+    (1, 16, 1728)
+    """
+
+    def __init__(self, encoder, decoder=None, block_size=None, norm_pix_loss=True, **kwargs):
+        kwargs.setdefault("name", "autoencoder")
+        enc = _as_layer(encoder, ViTEncoder)
+        if not isinstance(enc, ViTEncoder):
+            raise ValueError(f"`encoder` must be a ViTEncoder or a preset name, got {type(encoder).__name__}.")
+        p = enc.patch_size
+        k = p if block_size is None else block_size
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < p or (k - p) % 2:
+            raise ValueError(
+                f"block_size must be an integer >= patch_size={p} with block_size - patch_size even "
+                f"(so the block is centred on its patch), got {block_size!r}; e.g. block_size={3 * p}."
+            )
+        self._block_size = int(k)
+        super().__init__(enc, decoder, norm_pix_loss=norm_pix_loss, **kwargs)
+        self.block_size = int(k)
+        self._indices, self._valid = block_indices(enc.image_size, p, self.block_size)
+
+    def decoder_output_dim(self):
+        """Values predicted per token: one ``k x k`` block, ``k*k*C``."""
+        return self._block_size * self._block_size * self.encoder.num_channels
+
+    @property
+    def pad(self):
+        """``r = (k - p) / 2``, the zero padding around the image."""
+        return (self.block_size - self.encoder.patch_size) // 2
+
+    def block_targets(self, images):
+        """``(targets (B, N, k*k*C), valid (N, k*k*C))``: each token's ``k x k``
+        block of the zero-padded image, and 1 where a value is a real pixel."""
+        r, c = self.pad, self.encoder.num_channels
+        x = ops.cast(images, "float32")
+        x = ops.pad(x, [[0, 0], [r, r], [r, r], [0, 0]])
+        x = ops.reshape(x, (-1, x.shape[1] * x.shape[2], c))
+        n, kk = self._indices.shape
+        blocks = ops.take(x, ops.convert_to_tensor(self._indices.reshape(-1)), axis=1)
+        valid = np.repeat(self._valid, c, axis=1)
+        return ops.reshape(blocks, (-1, n, kk * c)), ops.convert_to_tensor(valid)
+
+    def forward_encoder(self, images, noise=None, training=None):
+        """No masking: ``latent (B, 1+N, D)``, ``mask`` of ones, identity
+        ``ids_restore``."""
+        x = self.encoder.embed(images)
+        latent = self.encoder.forward_tokens(x, training=training)
+        n = self.encoder.num_patches
+        ids = ops.arange(n, dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
+        return latent, ops.ones_like(ids, dtype="float32"), ids
+
+    def forward_loss(self, images, pred, mask=None):
+        targets, valid = self.block_targets(images)
+        return block_reconstruction_loss(pred, targets, valid, self.norm_pix_loss)
+
+    def call(self, inputs, noise=None, training=None):
+        images, _ = unpack_inputs(inputs, noise)
+        latent, mask, ids_restore = self.forward_encoder(images, training=training)
+        decoded = self.forward_decoder(latent, ids_restore, training=training)
+        return {"pred": decoded["pred"], "mask": mask, "ids_restore": ids_restore, "latent": latent}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        images, _ = unpack_inputs(x)
+        loss = self.forward_loss(images, y_pred["pred"])
+        self.loss_mae_tracker.update_state(loss)
+        return self._finalize_loss(loss)
+
+    def reconstruct(self, images, noise=None):
+        """``(reconstruction, ones)``: each patch is the centre ``p x p`` of its
+        token's predicted block (un-normalised with the true block statistics
+        when ``norm_pix_loss``); every pixel is predicted, so the mask image is
+        all ones. ``noise`` is ignored."""
+        pred = ops.cast(self(images, training=False)["pred"], "float32")
+        if self.norm_pix_loss:
+            targets, valid = self.block_targets(images)
+            mean, std = block_stats(targets, valid)
+            pred = pred * std + mean
+        p, k, r, c = self.encoder.patch_size, self.block_size, self.pad, self.encoder.num_channels
+        n = self.encoder.num_patches
+        centre = ops.reshape(pred, (-1, n, k, k, c))[:, :, r : r + p, r : r + p, :]
+        recon = unpatchify(ops.reshape(centre, (-1, n, p * p * c)), p, self.encoder.grid_size)
+        return recon, ops.ones_like(recon)
+
+    def get_config(self):
+        config = super().get_config()
+        own = set(inspect.signature(AutoEncoder.__init__).parameters)
+        for key in set(inspect.signature(MAE.__init__).parameters) - own:
+            config.pop(key, None)  # MAE's masking arguments do not apply
+        config.update(block_size=self.block_size)
         return config

@@ -31,7 +31,10 @@ flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vi
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.")
 flags.DEFINE_integer("depth", None, "Override the preset's depth.")
 flags.DEFINE_integer("num_heads", None, "Override the preset's heads.")
-flags.DEFINE_enum("method", "lcmae", ["mae", "lcmae"], "Pretraining method.")
+flags.DEFINE_enum("method", "lcmae", ["mae", "lcmae", "ae"],
+                  "Pretraining method; ae = AutoEncoder(k), no masking (LC-MAE paper Table 3, see --block_size).")
+flags.DEFINE_integer("block_size", None, "--method=ae: side k in pixels of the block each token predicts "
+                     "(default: --patch_size; k >= patch_size, k - patch_size even).")
 flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.")
 flags.DEFINE_bool("norm_pix_loss", True, "Reconstruct per-patch normalised pixels.")
 flags.DEFINE_string("setting", "a", "LC-MAE loss setting a-g (Table 1).")
@@ -41,8 +44,17 @@ flags.DEFINE_float("w_in", None, "Explicit L_in weight (overrides --setting).")
 flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).")
 flags.DEFINE_integer("decoder_width", 512, "Decoder width.")
 flags.DEFINE_integer("decoder_heads", 16, "Decoder heads.")
+flags.DEFINE_enum("decoder", "transformer", ["transformer", "gaussian", "conv"],
+                  "Decoder (LC-MAE paper Table 2): transformer, gaussian weighted average + MLP, or one conv layer.")
+flags.DEFINE_integer("decoder_kernel", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).")
+flags.DEFINE_float("gaussian_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).")
 flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.")
 flags.DEFINE_enum("projector_input", "pred", ["pred", "hidden"], "What the projector reads.")
+flags.DEFINE_enum("masking", "random", ["random", "self_guided"],
+                  "random (official MAE) or self_guided (Self-guided MAE informed masks; MAE and LC-MAE).")
+flags.DEFINE_integer("informed_start_epoch", 0, "--masking=self_guided: first epoch (0-based) with informed masks.")
+flags.DEFINE_float("hint_ratio", 0.05, "--masking=self_guided: fraction of the masked patches given back as hints.")
+flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block index (-1: last) or 'decoder'.")
 flags.DEFINE_integer("batch_size", 4096, "Global batch size.")
 flags.DEFINE_integer("epochs", 400, "Epochs.")
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: dataset size // batch).")
@@ -66,6 +78,8 @@ flags.DEFINE_integer("monitor_every", 1, "Epochs between the kNN and linear-prob
 flags.DEFINE_enum("monitor_pool", "cls", ["cls", "avg"], "Monitor features: [CLS] token or mean patch token.")
 flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.")
 flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.")
+flags.DEFINE_integer("online_probe_every", 1, "Steps between online linear-probe steps (0: no online probe; "
+                     "fashion_mnist with --monitor_every only).")
 flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the derived values; do not train.")
 
 
@@ -98,8 +112,21 @@ def build_dataset(batch_size):
     return ds, n, channels, mean, std, skipped
 
 
+def build_decoder_from_flags():
+    """The ``--decoder`` of width ``--decoder_width`` (depth and heads apply to
+    the transformer, ``--decoder_kernel`` to conv, ``--gaussian_sigma`` to gaussian)."""
+    from keras_lcmae.decoders import build_decoder
+
+    kwargs = {
+        "transformer": dict(depth=FLAGS.decoder_depth, num_heads=FLAGS.decoder_heads),
+        "gaussian": dict(sigma=FLAGS.gaussian_sigma),
+        "conv": dict(kernel_size=FLAGS.decoder_kernel),
+    }[FLAGS.decoder]
+    return build_decoder(FLAGS.decoder, hidden_dim=FLAGS.decoder_width, **kwargs)
+
+
 def build_model(channels):
-    from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
+    from keras_lcmae import LCMAE, MAE, AutoEncoder, ViTEncoder
 
     encoder = ViTEncoder.from_preset(
         FLAGS.model,
@@ -110,8 +137,12 @@ def build_model(channels):
         depth=FLAGS.depth,
         num_heads=FLAGS.num_heads,
     )
-    decoder = TransformerDecoder(FLAGS.decoder_width, FLAGS.decoder_depth, FLAGS.decoder_heads)
+    decoder = build_decoder_from_flags()
+    if FLAGS.method == "ae":  # no masking: the masking flags do not apply
+        return AutoEncoder(encoder, decoder, block_size=FLAGS.block_size, norm_pix_loss=FLAGS.norm_pix_loss)
     common = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed)
+    common.update(masking=FLAGS.masking, informed_start_epoch=FLAGS.informed_start_epoch,
+                  hint_ratio=FLAGS.hint_ratio, guide_layer=parse_guide_layer(FLAGS.guide_layer))
     if FLAGS.method == "mae":
         return MAE(encoder, decoder, **common)
     weights = FLAGS.setting
@@ -126,13 +157,14 @@ def build_model(channels):
 
 
 def build_monitors(channels, mean, std):
-    """kNN and linear-probe monitors on Fashion-MNIST: fit on the first
+    """kNN, linear-probe and online-probe monitors on Fashion-MNIST: fit on
+    (the online probe: trained alongside on batches of) the first
     ``--monitor_bank`` training images, scored on the first
     ``--monitor_queries`` test images (resized, not augmented)."""
     if not FLAGS.monitor_every or FLAGS.data != "fashion_mnist":
         return []
     from keras_lcmae import data
-    from keras_lcmae.callbacks import KNNMonitor, LinearProbeMonitor
+    from keras_lcmae.callbacks import KNNMonitor, LinearProbeMonitor, OnlineLinearProbe
 
     splits = []
     for split, limit in (("train", FLAGS.monitor_bank), ("test", FLAGS.monitor_queries)):
@@ -144,8 +176,75 @@ def build_monitors(channels, mean, std):
         splits += [np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])]
     every = FLAGS.monitor_every
     pool = FLAGS.monitor_pool
-    return [KNNMonitor(*splits, num_classes=10, every=every, pool=pool),
-            LinearProbeMonitor(*splits, num_classes=10, every=every, pool=pool)]
+    monitors = [KNNMonitor(*splits, num_classes=10, every=every, pool=pool),
+                LinearProbeMonitor(*splits, num_classes=10, every=every, pool=pool)]
+    if FLAGS.online_probe_every:
+        monitors.insert(0, OnlineLinearProbe(*splits, num_classes=10, pool=pool, every=FLAGS.online_probe_every,
+                                             seed=FLAGS.seed))
+    return monitors
+
+
+def parse_guide_layer(value):
+    """``--guide_layer``: ``"decoder"`` or an encoder block index."""
+    value = str(value).strip()
+    if value == "decoder":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise app.UsageError(
+            f"--guide_layer: {value!r} is neither an encoder block index (e.g. -1, the last block) nor 'decoder'."
+        ) from None
+
+
+def validate_masking_flags():
+    """The self-guided masking flags, checked before any work."""
+    from keras_lcmae.encoder import PRESETS
+    from keras_lcmae.masking import num_hints
+    from keras_lcmae.ops import grid_shape
+
+    if FLAGS.masking != "self_guided":
+        return
+    grid = grid_shape(FLAGS.image_size, FLAGS.patch_size)
+    try:
+        num_hints(grid[0] * grid[1], FLAGS.mask_ratio, FLAGS.hint_ratio)
+    except ValueError as e:
+        raise app.UsageError(f"--hint_ratio: {e}") from None
+    if FLAGS.informed_start_epoch < 0:
+        raise app.UsageError(f"--informed_start_epoch must be >= 0, got {FLAGS.informed_start_epoch}.")
+    if FLAGS.informed_start_epoch >= FLAGS.epochs:
+        raise app.UsageError(
+            f"--informed_start_epoch={FLAGS.informed_start_epoch} is not below --epochs={FLAGS.epochs}: informed "
+            "masks would never be used; lower it or use --masking=random."
+        )
+    layer = parse_guide_layer(FLAGS.guide_layer)
+    depth = FLAGS.depth or PRESETS[FLAGS.model]["depth"]
+    if layer != "decoder" and not -depth <= layer < depth:
+        raise app.UsageError(
+            f"--guide_layer={layer} is outside the encoder's {depth} blocks; use an index in [-{depth}, {depth}) "
+            "or 'decoder'."
+        )
+
+
+def validate_decoder_flags():
+    """--decoder / --decoder_kernel / --gaussian_sigma and --method=ae's --block_size."""
+    if FLAGS.decoder == "conv" and (FLAGS.decoder_kernel < 1 or FLAGS.decoder_kernel % 2 == 0):
+        raise app.UsageError(f"--decoder_kernel must be a positive odd number (paper: 5), got {FLAGS.decoder_kernel}.")
+    if FLAGS.decoder == "gaussian" and not FLAGS.gaussian_sigma > 0:
+        raise app.UsageError(f"--gaussian_sigma must be > 0 (in patches; paper: 1.0), got {FLAGS.gaussian_sigma}.")
+    if FLAGS.decoder != "transformer" and FLAGS.decoder_width % 4:
+        raise app.UsageError(f"--decoder_width must be a multiple of 4 (sin-cos table), got {FLAGS.decoder_width}.")
+    if FLAGS.block_size is not None:
+        k, p = FLAGS.block_size, FLAGS.patch_size
+        if FLAGS.method != "ae":
+            raise app.UsageError(f"--block_size applies to --method=ae only (got --method={FLAGS.method}).")
+        if k < p or (k - p) % 2:
+            raise app.UsageError(
+                f"--block_size={k} must be >= --patch_size={p} with block_size - patch_size even "
+                f"(a block centred on its patch), e.g. --block_size={3 * p}."
+            )
+    if FLAGS.method == "ae" and getattr(FLAGS, "masking", "random") != "random":
+        raise app.UsageError("--masking: --method=ae does not mask; leave --masking at 'random' (it is ignored).")
 
 
 def validate_flags():
@@ -165,11 +264,15 @@ def validate_flags():
 
     if FLAGS.model not in PRESETS:
         raise app.UsageError(f"--model: unknown preset {FLAGS.model!r}; choose one of {sorted(PRESETS)}.")
+    validate_decoder_flags()
     if FLAGS.method == "lcmae" and FLAGS.setting.strip("()").lower() not in "abcdefg":
         raise app.UsageError(f"--setting: unknown LC-MAE setting {FLAGS.setting!r}; choose a-g.")
     for name in ("batch_size", "epochs"):
         if getattr(FLAGS, name) < 1:
             raise app.UsageError(f"--{name} must be >= 1.")
+    validate_masking_flags()
+    if FLAGS.online_probe_every < 0:
+        raise app.UsageError(f"--online_probe_every must be >= 0 (0: off), got {FLAGS.online_probe_every}.")
     if FLAGS.data != "fashion_mnist" and not (
         FLAGS.data.startswith("tfds:") or os.path.exists(FLAGS.data) or "*" in FLAGS.data
     ):

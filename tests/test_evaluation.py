@@ -1,5 +1,6 @@
 """Weighted kNN and feature extraction against independent numpy code."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -156,3 +157,59 @@ def test_linear_probe_accuracy_on_separable_and_noisy_data():
     assert linear_probe_accuracy(noise[:300], y[:300], noise[300:], y[300:], 4) < 0.45
     with pytest.raises(ValueError, match="labels"):
         linear_probe_accuracy(x, y + 4, x, y, 4)
+
+
+def test_online_head_learns_online_and_keeps_batchnorm_statistics():
+    from keras_lcmae.evaluation import OnlineLinearHead
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 16)) * 3 + 5.0  # offset: the BatchNorm must centre them
+    y = rng.integers(0, 4, 2000)
+    x = centers[y] + rng.normal(size=(2000, 16)) * 0.3
+    head = OnlineLinearHead(16, 4, learning_rate=0.1, bn_momentum=0.9)
+    mean, var = np.zeros(16), np.ones(16)
+    for i in range(0, 1600, 32):
+        head.update(x[i:i + 32], y[i:i + 32])
+        mean = 0.9 * mean + 0.1 * x[i:i + 32].mean(0)  # BatchNorm's running statistics, by hand
+        var = 0.9 * var + 0.1 * x[i:i + 32].var(0, ddof=1)
+    np.testing.assert_allclose(head.running_mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(head.running_var, var, rtol=1e-12)
+    assert head.steps == 50
+    assert np.mean(head.predict(x[1600:]) == y[1600:]) > 0.98
+    # first step from zero weights: the gradient of the mean cross-entropy at uniform softmax
+    fresh = OnlineLinearHead(16, 4, learning_rate=0.5)
+    assert fresh.update(x[:32], y[:32]) == np.mean(y[:32] == 0)  # all-zero logits: argmax is class 0
+    z = (x[:32] - x[:32].mean(0)) / np.sqrt(x[:32].var(0) + 1e-6)
+    grad = (np.full((32, 4), 0.25) - np.eye(4)[y[:32]]) / 32
+    np.testing.assert_allclose(fresh.w, -0.5 * z.T @ grad, atol=1e-12)
+    noise = OnlineLinearHead(16, 4)
+    for i in range(0, 1600, 32):
+        noise.update(rng.normal(size=(32, 16)), y[i:i + 32])  # labels independent of the features
+    assert np.mean(noise.predict(rng.normal(size=(400, 16))) == y[1600:]) < 0.4
+    with pytest.raises(ValueError, match="labels"):
+        head.update(x[:4], y[:4] + 4)
+    with pytest.raises(ValueError, match="features"):
+        head.update(x[:4, :8], y[:4])
+
+
+def test_online_probe_trains_alongside_fit_and_leaves_the_encoder_alone(fmnist):
+    from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    from keras_lcmae.callbacks import OnlineLinearProbe
+
+    images, labels = fmnist
+    model = MAE(ViTEncoder.from_preset("vit_test", num_channels=3), TransformerDecoder(32, 1, 2), seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: the encoder must stay as it is
+    before = [np.array(w) for w in model.encoder.get_weights()]
+    probe = OnlineLinearProbe(images[:150], labels[:150], images[150:], labels[150:], num_classes=10, every=2,
+                              batch_size=32, learning_rate=0.1, seed=0)
+    history = model.fit(images[:64], batch_size=16, epochs=2, callbacks=[probe], verbose=0)
+    assert probe.head.steps == 4  # 8 training steps, a probe step every 2
+    top1 = history.history["online_probe_top1"]
+    assert len(top1) == 2 and all(0.0 <= a <= 1.0 for a in top1)
+    assert np.abs(probe.head.w).max() > 0
+    for a, b in zip(before, model.encoder.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # the logged accuracy is the head's on the held-out features
+    from keras_lcmae.evaluation import extract_features
+    feats, _ = extract_features(model, images[150:], pool="cls")
+    assert top1[-1] == pytest.approx(np.mean(probe.head.predict(feats) == labels[150:]))

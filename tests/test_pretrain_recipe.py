@@ -47,14 +47,17 @@ def test_short_run_writes_everything(tmp_path):
     final = json.loads(result.stdout.strip().splitlines()[-1])
     assert final["epochs_run"] == 2
     assert 0.3 < final["knn_top1"] <= 1 and 0.3 < final["linprobe_top1"] <= 1  # 10 classes: chance is 0.1
-    for key in ("loss", "loss_mae", "loss_cross", "loss_in", "v_std", "lr", "images_per_s", "knn_top1", "linprobe_top1"):
+    assert 0.2 < final["online_probe_top1"] <= 1  # a head trained online for 6 steps of 64 images
+    for key in ("loss", "loss_mae", "loss_cross", "loss_in", "v_std", "lr", "images_per_s", "knn_top1", "linprobe_top1",
+                "online_probe_top1", "online_probe_train_top1"):
         assert key in final, key
     for name in ("flags.txt", "model_config.json", "metrics.json", "encoder.keras", "checkpoints/epoch_002.keras"):
         assert os.path.exists(os.path.join(out, name)), name
     derived = json.load(open(os.path.join(out, "metrics.json")))["derived"]
     assert derived["lr"] == pytest.approx(1e-3 * 16 / 256) and derived["warmup_steps"] == 3
     tags = read_scalars_and_images(os.path.join(out, "tensorboard"))
-    for tag in ("epoch_loss", "epoch_loss_mae", "epoch_loss_cross", "epoch_loss_in", "epoch_v_std", "epoch_lr", "epoch_images_per_s", "epoch_knn_top1", "epoch_linprobe_top1", "reconstruction"):
+    for tag in ("epoch_loss", "epoch_loss_mae", "epoch_loss_cross", "epoch_loss_in", "epoch_v_std", "epoch_lr", "epoch_images_per_s", "epoch_knn_top1", "epoch_linprobe_top1",
+                "epoch_online_probe_top1", "reconstruction"):
         assert tag in tags, (tag, sorted(tags))
     import keras
 

@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""The LC-MAE paper's analyses (Sec. 4, Figs. 2-6, A.1, B.1) on a checkpoint.
+
+Each subcommand writes ``<output_dir>/<name>.csv`` and ``<name>.png``:
+
+    attention-distance    encoder (all patches) and decoder attention distance per layer (Fig. 5/6/A.1)
+    attention-similarity  S^attn of Eq. 7 per decoder layer, one mask shared by all images (Fig. 2)
+    semantic-similarity   S^sim of Eq. 8 per decoder layer against a --reference model (Fig. 3)
+    attention-maps        input | masked | attention of masked queries per decoder layer (Fig. 4/B.1)
+    reconstruction        input | masked | reconstruction (model.reconstruct)
+    clusters              sigma_F, sigma_s, intra-inter gap per layer + bipartition maps (Self-guided MAE)
+
+    python tools/analyze.py attention-distance --checkpoint=runs/demo_cpu/pretrain/checkpoints/epoch_006.keras \
+        --data=fashion_mnist --num_images=64 --output_dir=runs/analysis
+
+``--checkpoint`` is a whole MAE / LC-MAE ``.keras`` model (the recipe's
+``checkpoints/epoch_NNN.keras``) or an ``encoder.keras``; with an encoder only
+``attention-distance`` (encoder part) and ``clusters`` (encoder layers) apply.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+DECODER_ONLY = ("attention-similarity", "semantic-similarity", "attention-maps", "reconstruction")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line (reported without a traceback)."""
+
+
+# --------------------------------------------------------------------------- helpers
+def write_csv(path, rows):
+    if not rows:
+        raise UsageError("nothing to write: no layer was analysed.")
+    fields = list(rows[0])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def batches(n, size):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def random_noise(num_images, num_patches, seed):
+    """Per-image masking noise (a different mask for every image)."""
+    return np.random.default_rng(seed + 1).random((num_images, num_patches)).astype("float32")
+
+
+def with_mask_ratio(model, ratio):
+    if ratio is not None:
+        from keras_lcmae.masking import num_visible
+
+        try:
+            num_visible(model.encoder.num_patches, ratio)
+        except ValueError as e:
+            raise UsageError(f"--mask_ratio: {e}") from None
+        model.mask_ratio = float(ratio)
+    return model
+
+
+def masked_ids(mask_row):
+    return np.flatnonzero(np.asarray(mask_row) > 0.5)
+
+
+class Context:
+    """Loaded model, images and output paths of one run."""
+
+    def __init__(self, args):
+        from keras_lcmae.analysis import inputs
+
+        self.args = args
+        try:
+            self.model, self.kind = inputs.load_checkpoint(args.checkpoint)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        if args.command in DECODER_ONLY and self.kind != "mae":
+            raise UsageError(
+                f"`{args.command}` analyses the decoder, but --checkpoint {args.checkpoint!r} holds only an "
+                "encoder; pass a whole MAE/LC-MAE model (recipes/pretrain.py writes them to "
+                "<output_dir>/checkpoints/epoch_NNN.keras)."
+            )
+        self.encoder = self.model if self.kind == "encoder" else self.model.encoder
+        if self.kind == "mae":
+            with_mask_ratio(self.model, args.mask_ratio)
+        self.images, self.mean, self.std = inputs.load_images(
+            args.data, self.encoder.image_size, self.encoder.num_channels, args.num_images, args.seed,
+            resize=not args.no_resize,
+        )
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.grid = self.encoder.grid_size
+        self.p = self.encoder.patch_size
+
+    def path(self, suffix):
+        return os.path.join(self.args.output_dir, self.args.command.replace("-", "_") + suffix)
+
+    def pixels(self, images):
+        from keras_lcmae.analysis.inputs import to_pixels
+
+        return to_pixels(images, self.mean, self.std)
+
+    def decoder_check(self):
+        from keras_lcmae.decoders import TransformerDecoder
+
+        if not isinstance(self.model.decoder, TransformerDecoder):
+            raise UsageError(
+                f"`{self.args.command}` needs decoder attention/blocks; this model's decoder is a "
+                f"{type(self.model.decoder).__name__}."
+            )
+
+
+# --------------------------------------------------------------------------- subcommands
+def cmd_attention_distance(ctx):
+    from keras_lcmae.analysis import attention_distance, decoder_layers, encoder_layers
+    from keras_lcmae.analysis.plots import attention_distance_figure
+
+    n = len(ctx.images)
+    bs = ctx.args.batch_size
+    enc_sum = dec_sum = dec_masked_sum = None
+    noise = random_noise(n, ctx.encoder.num_patches, ctx.args.seed)
+    ids_keep_all = None
+    if ctx.args.encoder_mask_ratio > 0:
+        from keras_lcmae.masking import num_visible
+
+        keep = num_visible(ctx.encoder.num_patches, ctx.args.encoder_mask_ratio)
+        ids_keep_all = np.argsort(noise, axis=1)[:, :keep]
+    decoder = ctx.kind == "mae" and _has_transformer_decoder(ctx.model)
+    for sl in batches(n, bs):
+        x = ctx.images[sl]
+        m = len(x)
+        out = encoder_layers(ctx.encoder, x, None if ids_keep_all is None else ids_keep_all[sl])
+        per = np.stack([attention_distance(a, ctx.grid, ctx.p, positions=out["positions"]) for a in out["attention"]])
+        enc_sum = per * m if enc_sum is None else enc_sum + per * m
+        if decoder:
+            dec = decoder_layers(ctx.model, x, noise[sl])
+            per = np.stack([attention_distance(a, ctx.grid, ctx.p) for a in dec["attention"]])
+            per_m = np.stack([attention_distance(a, ctx.grid, ctx.p, query_mask=dec["mask"]) for a in dec["attention"]])
+            dec_sum = per * m if dec_sum is None else dec_sum + per * m
+            dec_masked_sum = per_m * m if dec_masked_sum is None else dec_masked_sum + per_m * m
+    parts = {"encoder": enc_sum / n}
+    if decoder:
+        parts["decoder"] = dec_sum / n
+    rows = []
+    for part, per_head in parts.items():
+        for l, heads in enumerate(per_head):
+            rows.append({
+                "part": part, "layer": l + 1, "distance_px": float(heads.mean()),
+                "head_min_px": float(heads.min()), "head_max_px": float(heads.max()),
+                "masked_query_distance_px": float(dec_masked_sum[l].mean() / n) if part == "decoder" else "",
+            })
+    title = "attention distance"
+    if ctx.args.encoder_mask_ratio > 0:
+        title += f" (encoder on visible tokens, r={ctx.args.encoder_mask_ratio:g})"
+    from keras_lcmae.analysis import mean_pairwise_distance
+
+    attention_distance_figure(parts, ctx.path(".png"), title=title, uniform=mean_pairwise_distance(ctx.grid, ctx.p))
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def _has_transformer_decoder(model):
+    from keras_lcmae.decoders import TransformerDecoder
+
+    return isinstance(getattr(model, "decoder", None), TransformerDecoder)
+
+
+def cmd_attention_similarity(ctx):
+    from keras_lcmae.analysis import decoder_layers, shared_noise
+    from keras_lcmae.analysis.metrics import attention_vectors, similarity_from_sums
+    from keras_lcmae.analysis.plots import layer_curve_figure
+
+    ctx.decoder_check()
+    n = len(ctx.images)
+    if n < 2:
+        raise UsageError("attention-similarity compares images pairwise: --num_images must be at least 2.")
+    noise = shared_noise(n, ctx.encoder.num_patches, ctx.args.seed)
+    sums, query_ids = None, None
+    for sl in batches(n, ctx.args.batch_size):
+        dec = decoder_layers(ctx.model, ctx.images[sl], noise[sl])
+        query_ids = masked_ids(dec["mask"][0])
+        vecs = [attention_vectors(a, query_ids, include_cls=ctx.args.include_cls).sum(0) for a in dec["attention"]]
+        sums = vecs if sums is None else [s + v for s, v in zip(sums, vecs)]
+    values = [similarity_from_sums(s, n) for s in sums]
+    rows = [{"layer": l + 1, "s_attn": v, "num_images": n, "masked_queries": len(query_ids),
+             "include_cls": int(ctx.args.include_cls)} for l, v in enumerate(values)]
+    layer_curve_figure(values, ctx.path(".png"), "attention similarity $S^{attn}$",
+                       f"Eq. 7: {n} images, one shared mask")
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_semantic_similarity(ctx):
+    from keras_lcmae.analysis import decoder_layers, reference_features, resize_token_grid, semantic_similarity
+    from keras_lcmae.analysis.plots import layer_curve_figure
+
+    ctx.decoder_check()
+    reference = load_reference(ctx.args.reference)
+    n = len(ctx.images)
+    noise = random_noise(n, ctx.encoder.num_patches, ctx.args.seed)
+    sums = None
+    for sl in batches(n, ctx.args.batch_size):
+        x = ctx.images[sl]
+        try:
+            ref, ref_grid = reference_features(reference, x)
+        except ValueError as e:
+            raise UsageError(f"--reference {ctx.args.reference!r}: {e}") from None
+        if tuple(ref_grid) != tuple(ctx.grid):
+            ref = resize_token_grid(ref, ref_grid, ctx.grid)
+        dec = decoder_layers(ctx.model, x, noise[sl])
+        vals = np.array([semantic_similarity(ref, f, ctx.args.normalization, per_image=True).sum()
+                         for f in dec["features"]])
+        sums = vals if sums is None else sums + vals
+    values = sums / n
+    rows = [{"layer": l + 1, "s_sim": float(v), "num_images": n, "reference_grid": f"{ref_grid[0]}x{ref_grid[1]}",
+             "normalization": ctx.args.normalization} for l, v in enumerate(values)]
+    layer_curve_figure(values, ctx.path(".png"), "semantic similarity $S^{sim}$",
+                       f"Eq. 8 vs {os.path.basename(ctx.args.reference)}")
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def load_reference(path):
+    import keras
+
+    import keras_lcmae  # noqa: F401  (registers the package's classes)
+
+    if not os.path.exists(path):
+        raise UsageError(f"--reference: no file at {path!r}.")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--reference: cannot load {path!r} as a Keras model: {e}") from None
+
+
+def pick_queries(mask_row, grid, requested):
+    rows, cols = grid
+    masked = masked_ids(mask_row)
+    if requested:
+        bad = [q for q in requested if q not in set(masked.tolist())]
+        if bad:
+            raise UsageError(
+                f"--query {bad} are not masked under this --seed's mask; masked patches are {masked.tolist()}."
+            )
+        return list(requested)
+    r, c = np.divmod(masked, cols)
+    picks = []
+    for target in (((rows - 1) / 2, (cols - 1) / 2), ((rows - 1) / 4, (cols - 1) / 4)):
+        order = np.argsort((r - target[0]) ** 2 + (c - target[1]) ** 2, kind="stable")
+        for i in order:
+            if int(masked[i]) not in picks:
+                picks.append(int(masked[i]))
+                break
+    return picks
+
+
+def cmd_attention_maps(ctx):
+    from keras_lcmae.analysis import decoder_layers, pairwise_patch_distances, shared_noise
+    from keras_lcmae.analysis.plots import attention_maps_figure
+
+    ctx.decoder_check()
+    count = min(ctx.args.rows, len(ctx.images))
+    x = ctx.images[:count]
+    noise = shared_noise(count, ctx.encoder.num_patches, ctx.args.seed)
+    dec = decoder_layers(ctx.model, x, noise)
+    queries = pick_queries(dec["mask"][0], ctx.grid, ctx.args.query)
+    pixels = ctx.pixels(x)
+    dist = pairwise_patch_distances(ctx.grid, ctx.p)
+    mask_img = np.kron(dec["mask"].reshape(count, *ctx.grid), np.ones((ctx.p, ctx.p)))[..., None]
+    masked = pixels * (1 - mask_img) + 0.5 * mask_img
+    att = [a.mean(axis=1) for a in dec["attention"]]  # (R, 1+N, 1+N), heads averaged
+    maps, cls_w, qs, rows, fig_pixels, fig_masked = [], [], [], [], [], []
+    for q in queries:
+        for i in range(count):
+            maps.append(np.stack([a[i, 1 + q, 1:] for a in att]))
+            cls_w.append(np.array([a[i, 1 + q, 0] for a in att]))
+            qs.append(q)
+            fig_pixels.append(pixels[i])
+            fig_masked.append(masked[i])
+            for l, a in enumerate(dec["attention"]):
+                row = a[i, :, 1 + q, :]  # (heads, 1+N): this query, every head
+                w = row[:, 1:] / np.maximum(row[:, 1:].sum(-1, keepdims=True), 1e-12)
+                rows.append({
+                    "image": i, "query_patch": q, "layer": l + 1,
+                    "cls_weight": float(row[:, 0].mean()),
+                    "self_weight": float(row[:, 1 + q].mean()),
+                    "distance_px": float((w * dist[q]).sum(-1).mean()),
+                })
+    attention_maps_figure(np.stack(fig_pixels), np.stack(fig_masked), np.stack(maps), np.stack(cls_w),
+                          np.array(qs), ctx.grid, ctx.p, ctx.path(".png"))
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_reconstruction(ctx):
+    import keras
+
+    from keras_lcmae.analysis.plots import image_columns_figure
+
+    count = min(ctx.args.rows, len(ctx.images))
+    x = ctx.images[:count]
+    noise = random_noise(count, ctx.encoder.num_patches, ctx.args.seed)
+    recon, mask = ctx.model.reconstruct(x, noise=noise)
+    recon = np.asarray(keras.ops.convert_to_numpy(recon))
+    mask = np.asarray(keras.ops.convert_to_numpy(mask))
+    pixels = ctx.pixels(x)
+    masked = pixels * (1 - mask) + 0.5 * mask
+    rows = []
+    for i in range(count):
+        m = mask[i] > 0.5
+        rows.append({"image": i, "masked_fraction": float(m.mean()),
+                     "masked_mse": float(np.mean((recon[i] - x[i])[m] ** 2)) if m.any() else 0.0})
+    image_columns_figure([pixels, masked, ctx.pixels(recon)], ["input", "masked", "reconstruction"], ctx.path(".png"))
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_clusters(ctx):
+    from keras_lcmae.analysis import clustering_metrics, decoder_layers, encoder_layers
+    from keras_lcmae.analysis.plots import cluster_maps_figure, clustering_curves_figure
+
+    n = len(ctx.images)
+    noise = random_noise(n, ctx.encoder.num_patches, ctx.args.seed)
+    decoder = ctx.kind == "mae" and _has_transformer_decoder(ctx.model)
+    totals, maps = {}, {}
+    count = min(ctx.args.rows, n)
+    for sl in batches(n, ctx.args.batch_size):
+        x = ctx.images[sl]
+        layers = [("encoder", f) for f in encoder_layers(ctx.encoder, x)["features"]]
+        if decoder:
+            layers += [("decoder", f) for f in decoder_layers(ctx.model, x, noise[sl])["features"]]
+        seen = {"encoder": 0, "decoder": 0}
+        for part, feats in layers:
+            seen[part] += 1
+            key = (part, seen[part])
+            values, assign = clustering_metrics(feats)
+            acc = totals.setdefault(key, dict.fromkeys(values, 0.0))
+            for k, v in values.items():
+                acc[k] += v * len(x)
+            if sl.start == 0:
+                maps[key] = assign[:count]
+    rows = [{"part": part, "layer": layer, **{k: v / n for k, v in acc.items()}} for (part, layer), acc in totals.items()]
+    keys = list(maps)
+    if len(keys) > ctx.args.max_map_layers:
+        keys = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, ctx.args.max_map_layers).round().astype(int))]
+    cluster_maps_figure(ctx.pixels(ctx.images[:count]), np.stack([maps[k] for k in keys]), ctx.grid, ctx.p,
+                        ctx.path(".png"), [f"{p[:3]} {l}" for p, l in keys])
+    clustering_curves_figure(rows, ctx.path("_curves.png"))
+    return write_csv(ctx.path(".csv"), rows)
+
+
+COMMANDS = {
+    "attention-distance": cmd_attention_distance,
+    "attention-similarity": cmd_attention_similarity,
+    "semantic-similarity": cmd_semantic_similarity,
+    "attention-maps": cmd_attention_maps,
+    "reconstruction": cmd_reconstruction,
+    "clusters": cmd_clusters,
+}
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True,
+                        help="MAE/LC-MAE .keras model (checkpoints/epoch_NNN.keras) or an encoder.keras.")
+    common.add_argument("--data", default="fashion_mnist", help="fashion_mnist (test split) or an image folder.")
+    common.add_argument("--num_images", type=int, default=32, help="Images analysed (seeded random choice).")
+    common.add_argument("--output_dir", default="runs/analysis", help="Where the CSV and PNG go.")
+    common.add_argument("--seed", type=int, default=0, help="Seed of the image choice and the masks.")
+    common.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
+    common.add_argument("--mask_ratio", type=float, default=None,
+                        help="Decoder analyses: mask ratio (default: the model's own).")
+    common.add_argument("--no_resize", action="store_true",
+                        help="Require images of the model's size instead of resizing + centre-cropping.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("attention-distance", parents=[common], help="Fig. 5/6/A.1 attention distance.")
+    p.add_argument("--encoder_mask_ratio", type=float, default=0.0,
+                   help="0: encoder on all patches (default); r>0: on the visible tokens of a random mask.")
+    p = sub.add_parser("attention-similarity", parents=[common], help="Eq. 7 / Fig. 2.")
+    p.add_argument("--include_cls", action="store_true", help="Keep the [CLS] key column in A_i.")
+    p = sub.add_parser("semantic-similarity", parents=[common], help="Eq. 8 / Fig. 3.")
+    p.add_argument("--reference", required=True, help="A .keras model giving per-patch features (DINO's role).")
+    p.add_argument("--normalization", choices=("cosine", "minmax"), default="cosine",
+                   help="W: the cosine matrix itself, or min-max rescaled to [0, 1].")
+    p = sub.add_parser("attention-maps", parents=[common], help="Fig. 4/B.1 attention maps.")
+    p.add_argument("--rows", type=int, default=2, help="Images per query position.")
+    p.add_argument("--query", type=lambda s: [int(v) for v in s.split(",") if v],
+                   default=None, help="Comma-separated masked patch indices (default: near centre, near a corner).")
+    p = sub.add_parser("reconstruction", parents=[common], help="input | masked | reconstruction.")
+    p.add_argument("--rows", type=int, default=8, help="Images shown.")
+    p = sub.add_parser("clusters", parents=[common], help="sigma_F, sigma_s, gap + bipartition maps.")
+    p.add_argument("--rows", type=int, default=6, help="Images shown in the cluster maps.")
+    p.add_argument("--max_map_layers", type=int, default=8, help="At most this many layers in the maps figure.")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error("--num_images and --batch_size must be positive.")
+    try:
+        ctx = Context(args)
+        csv_path = COMMANDS[args.command](ctx)
+    except (UsageError, ValueError) as e:
+        parser.error(str(e))
+    result = {"command": args.command, "csv": csv_path, "png": ctx.path(".png")}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
