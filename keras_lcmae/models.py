@@ -6,11 +6,15 @@ on TensorFlow, JAX and PyTorch, so ``model.compile(optimizer)`` then
 ``(images, labels)`` (labels are ignored) or ``{"images": ..., "noise": ...}``.
 """
 
+import inspect
+
 import keras
+import numpy as np
 from keras import ops
 
+from keras_lcmae.clustering import bipartition
 from keras_lcmae.decoders import TransformerDecoder
-from keras_lcmae.distribute import scale_loss_for_replicas, step_logs
+from keras_lcmae.distribute import replica_uniform, scale_loss_for_replicas, step_logs
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.losses import (
     block_reconstruction_loss,
@@ -20,8 +24,6 @@ from keras_lcmae.losses import (
     patch_stats,
     reconstruction_loss,
 )
-from keras_lcmae.clustering import bipartition
-from keras_lcmae.distribute import replica_uniform
 from keras_lcmae.masking import informed_noise, num_hints, num_visible, random_masking
 from keras_lcmae.ops import patchify, take_tokens, unpatchify
 
