@@ -37,6 +37,26 @@ def preset_kwargs(name, **overrides):
     return kwargs
 
 
+def find_encoder(model, who="This function"):
+    """The :class:`ViTEncoder` itself, or the one a model holds as
+    ``.encoder`` (MAE, LCMAE, ViTClassifier); a clear error otherwise.
+
+    Example:
+    >>> encoder = ViTEncoder.from_preset("vit_test")
+    >>> find_encoder(encoder) is encoder
+    True
+    """
+    if isinstance(model, ViTEncoder):
+        return model
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, ViTEncoder):
+        return encoder
+    raise ValueError(
+        f"{who} needs a ViTEncoder or a model with one as `.encoder` (MAE, LCMAE, ViTClassifier), "
+        f"got {type(model).__name__}."
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_lcmae")
 class ViTEncoder(keras.Model):
     """Vision Transformer encoder with a ``[CLS]`` token and fixed 2-D sin-cos

@@ -156,13 +156,9 @@ def extract_features(encoder, data, pool="cls", batch_size=256):
     >>> feats.shape, labels.shape
     ((4, 32), (4,))
     """
-    from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415
+    from keras_lcmae.encoder import find_encoder  # noqa: PLC0415
 
-    if not isinstance(encoder, ViTEncoder):
-        inner = getattr(encoder, "encoder", None)
-        if not isinstance(inner, ViTEncoder):
-            raise ValueError(f"`encoder` must be a ViTEncoder or a model with one as `.encoder`, got {type(encoder).__name__}.")
-        encoder = inner
+    encoder = find_encoder(encoder, "extract_features")
     if pool not in POOLS:
         raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

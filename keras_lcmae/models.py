@@ -653,6 +653,8 @@ class AutoEncoder(MAE):
         return latent, ops.ones_like(ids, dtype="float32"), ids
 
     def forward_loss(self, images, pred, mask=None):
+        """The block loss; ``mask`` is ignored (every token is a target), so
+        :meth:`MAE.compute_loss` serves unchanged."""
         targets, valid = self.block_targets(images)
         return block_reconstruction_loss(pred, targets, valid, self.norm_pix_loss)
 
@@ -661,12 +663,6 @@ class AutoEncoder(MAE):
         latent, mask, ids_restore = self.forward_encoder(images, training=training)
         decoded = self.forward_decoder(latent, ids_restore, training=training)
         return {"pred": decoded["pred"], "mask": mask, "ids_restore": ids_restore, "latent": latent}
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        images, _ = unpack_inputs(x)
-        loss = self.forward_loss(images, y_pred["pred"])
-        self.loss_mae_tracker.update_state(loss)
-        return self._finalize_loss(loss)
 
     def reconstruct(self, images, noise=None):
         """``(reconstruction, ones)``: each patch is the centre ``p x p`` of its

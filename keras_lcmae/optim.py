@@ -153,17 +153,9 @@ class LARS(keras.optimizers.Optimizer):
 
 
 def _find_encoder(model):
-    from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415  (encoder imports nothing from here)
+    from keras_lcmae.encoder import find_encoder  # noqa: PLC0415  (encoder imports nothing from here)
 
-    if isinstance(model, ViTEncoder):
-        return model
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, ViTEncoder):
-        return encoder
-    raise ValueError(
-        f"Layer-wise lr decay needs a ViTEncoder or a model with a ViTEncoder as `.encoder` "
-        f"(e.g. ViTClassifier), got {type(model).__name__}."
-    )
+    return find_encoder(model, "Layer-wise lr decay")
 
 
 def layer_ids(model):

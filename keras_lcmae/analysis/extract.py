@@ -23,19 +23,12 @@ import numpy as np
 from keras import ops
 
 from keras_lcmae.decoders import TransformerDecoder
-from keras_lcmae.encoder import ViTEncoder
+from keras_lcmae.encoder import find_encoder
 from keras_lcmae.ops import take_tokens
 
 
 def _encoder_of(model):
-    if isinstance(model, ViTEncoder):
-        return model
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, ViTEncoder):
-        return encoder
-    raise ValueError(
-        f"Expected a ViTEncoder or an MAE/LC-MAE model with one as `.encoder`, got {type(model).__name__}."
-    )
+    return find_encoder(model, "The analysis")
 
 
 def shared_noise(num_images, num_patches, seed=0):
