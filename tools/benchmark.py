@@ -10,10 +10,15 @@ each image once although it runs two views).
 
     python tools/benchmark.py --configs tiny32 --methods mae,lcmae --backends tensorflow,jax,torch
     python tools/benchmark.py --configs base224 --methods mae --reference
+    python tools/benchmark.py --configs base224 --methods mae,ae --backends torch --pipeline
 
 Configs: ``tiny32`` (ViT 192 x 12, 3 heads, 32 px, patch 4, decoder 128 x 2
 with 4 heads, batch 64), ``base224`` (ViT-B/16 at 224, decoder 512 x 8 with 16
-heads, batch 8), ``test`` (seconds-long smoke size).
+heads, batch 8), ``test`` (seconds-long smoke size). Methods: ``mae``,
+``lcmae``, ``ae`` (AE(p): no masking, all tokens). ``--pipeline`` adds the
+input pipeline's images/s on a folder of JPEGs cut from scikit-image's photos,
+with the pretraining transform at the config's image size; ratios printed:
+LC-MAE/MAE step, MAE/AE step, pipeline/fastest model, ours/HF.
 """
 
 import argparse
@@ -51,7 +56,7 @@ def time_steps(step, warmup, steps):
 
 
 def build_model(method, c):
-    from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
+    from keras_lcmae import LCMAE, MAE, AutoEncoder, TransformerDecoder, ViTEncoder
 
     encoder = ViTEncoder(image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"], num_heads=c["heads"])
     decoder = TransformerDecoder(c["dec_width"], c["dec_depth"], c["dec_heads"])
@@ -59,6 +64,8 @@ def build_model(method, c):
         return MAE(encoder, decoder, mask_ratio=0.75, seed=0)
     if method == "lcmae":
         return LCMAE(encoder, decoder, projector_dim=1024, mask_ratio=0.75, seed=0)
+    if method == "ae":  # AE(p): MAE without masking, every token through encoder and decoder
+        return AutoEncoder(encoder, decoder, block_size=c["patch"])
     raise ValueError(f"unknown method {method}")
 
 
@@ -95,6 +102,54 @@ def keras_worker(args, methods):
     return times, c["batch"]
 
 
+def make_jpeg_folder(root, n, seed=0):
+    """``n`` JPEG files (quality 90) in 4 class folders, each a random crop
+    (sides 256-480 px) of one of scikit-image's bundled photos, so decoding
+    costs what real photos cost. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")]
+    photos = [p for p in photos if p.ndim == 3 and min(p.shape[:2]) >= 256]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h = int(rng.integers(256, min(480, photo.shape[0]) + 1))
+        w = int(rng.integers(256, min(480, photo.shape[1]) + 1))
+        y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+        folder = os.path.join(root, f"class_{i % 4}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(photo[y:y + h, x:x + w, :3]).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    return root
+
+
+def pipeline_worker(args):
+    """Images/s of the pretraining input pipeline (parallel decode of a JPEG
+    folder, RandomResizedCrop to the config's size, flip, normalise, batch,
+    prefetch) on this process's cores; each timed step takes 8 batches (the
+    figure is per batch), after ``warmup`` such steps have drained the
+    prefetch buffer."""
+    import tempfile
+
+    from keras_lcmae import data
+
+    c = CONFIGS[args.config]
+    with tempfile.TemporaryDirectory() as root:
+        make_jpeg_folder(root, args.pipeline_images)
+        source, _, _, _ = data.image_folder_dataset(root, channels=3)
+        ds = data.batched_pretrain_dataset(source, c["batch"], c["image"], data.IMAGENET_MEAN, data.IMAGENET_STD,
+                                           seed=0, shuffle_buffer=1000)
+        it = iter(ds)
+
+        def chunk(n=8):  # 8 batches a timed step, so prefetched batches cannot flatter the median
+            for _ in range(n):
+                next(it)
+
+        times = [t / 8 for t in time_steps(chunk, args.warmup, args.steps)]
+    return times, c["batch"]
+
+
 def reference_worker(args):
     """transformers' ViTMAEForPreTraining in PyTorch, eager, same sizes."""
     import torch
@@ -124,7 +179,13 @@ def reference_worker(args):
 
 def worker(args):
     methods = args.method.split(",")
-    if args.backend == "hf_torch":
+    if args.backend == "pipeline":
+        import tensorflow as tf
+
+        times, batch = pipeline_worker(args)
+        times = {"pipeline": times}
+        version = f"tensorflow {tf.__version__} (tf.data)"
+    elif args.backend == "hf_torch":
         times, batch = reference_worker(args)
         times = {"mae": times}
         import torch
@@ -161,12 +222,13 @@ def emit(args, method, times, batch, version):
     )
 
 
-def spawn(config, method, backend, jit, dtype, warmup, steps):
+def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256):
     """Runs one worker process; returns its JSON records (one per method)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", config, "--methods", method,
-           "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps)]
+           "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps),
+           "--pipeline_images", str(pipeline_images)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if backend != "hf_torch":
+    if backend not in ("hf_torch", "pipeline"):
         env["KERAS_BACKEND"] = backend
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -181,6 +243,9 @@ def main():
     parser.add_argument("--jit", default="auto", help="on, off, auto, or a comma list (e.g. on,off)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (mixed), or a comma list")
     parser.add_argument("--reference", action="store_true", help="also time transformers' ViTMAE (torch) for mae")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
+    parser.add_argument("--pipeline_images", type=int, default=256, help="JPEG files made for --pipeline")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -192,13 +257,15 @@ def main():
     results = []
     for config in args.configs.split(","):
         jobs = [(config, "mae", "hf_torch", "off", "float32")] if args.reference else []
+        if args.pipeline:
+            jobs.append((config, "pipeline", "pipeline", "off", "float32"))
         for backend in args.backends.split(","):
             for jit in args.jit.split(","):
                 for dtype in args.dtype.split(","):
                     # all methods of one setting share a process (interleaved steps)
                     jobs.append((config, args.methods, backend, jit, dtype))
         for job in jobs:
-            for r in spawn(*job, args.warmup, args.steps):
+            for r in spawn(*job, args.warmup, args.steps, args.pipeline_images):
                 print(json.dumps(r), flush=True)
                 results.append(r)
     ok = [r for r in results if "median_step_s" in r]
@@ -209,6 +276,20 @@ def main():
             if m["method"] == "mae" and all(m[k] == r[k] for k in ("config", "backend", "jit", "dtype")):
                 print(json.dumps({"ratio": "lcmae_step/mae_step", "config": r["config"], "backend": r["backend"],
                                   "jit": r["jit"], "dtype": r["dtype"], "value": round(r["median_step_s"] / m["median_step_s"], 3)}))
+    for r in ok:
+        if r["method"] != "mae":
+            continue
+        for a in ok:
+            if a["method"] == "ae" and all(a[k] == r[k] for k in ("config", "backend", "jit", "dtype")):
+                print(json.dumps({"ratio": "mae_step/ae_step", "config": r["config"], "backend": r["backend"],
+                                  "jit": r["jit"], "dtype": r["dtype"], "value": round(r["median_step_s"] / a["median_step_s"], 3)}))
+    for p in [r for r in ok if r["method"] == "pipeline"]:
+        models = [m for m in ok if m["config"] == p["config"] and m["method"] in ("mae", "lcmae", "ae")]
+        if models:
+            best = max(models, key=lambda m: m["images_per_s"])
+            print(json.dumps({"ratio": "pipeline/fastest model images_per_s", "config": p["config"],
+                              "model": f"{best['method']} {best['backend']} jit={best['jit']} {best['dtype']}",
+                              "value": round(p["images_per_s"] / best["images_per_s"], 3)}))
     refs = [r for r in ok if r["backend"] == "hf_torch"]
     for ref in refs:
         for m in ok:
