@@ -243,7 +243,7 @@ def validate_decoder_flags():
                 f"--block_size={k} must be >= --patch_size={p} with block_size - patch_size even "
                 f"(a block centred on its patch), e.g. --block_size={3 * p}."
             )
-    if FLAGS.method == "ae" and getattr(FLAGS, "masking", "random") != "random":
+    if FLAGS.method == "ae" and FLAGS.masking != "random":
         raise app.UsageError("--masking: --method=ae does not mask; leave --masking at 'random' (it is ignored).")
 
 
