@@ -91,6 +91,19 @@ class DropPath(keras.layers.Layer):
         return config
 
 
+def fused_attention_is_fast(q):
+    """Whether ``keras.ops.dot_product_attention`` is the fast path for ``q``.
+
+    It is everywhere except PyTorch on the CPU in 16-bit: there the fused
+    ``scaled_dot_product_attention`` backward runs 2-5x slower than in float32
+    and than the explicit matmul-softmax-matmul (``tools/benchmark.py``
+    measures the whole step both ways), so the explicit path is taken.
+    """
+    if keras.backend.backend() != "torch" or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
+        return True
+    return q.device.type != "cpu"
+
+
 @keras.saving.register_keras_serializable(package="keras_lcmae")
 class Attention(keras.layers.Layer):
     """Multi-head self-attention with a fused ``qkv`` projection.
@@ -98,9 +111,11 @@ class Attention(keras.layers.Layer):
     The ``qkv`` kernel's output axis splits into thirds ``q | k | v``, each
     head a contiguous slice of ``hidden_dim / num_heads`` (the official
     layout). The default path calls ``keras.ops.dot_product_attention`` (the
-    backend's fused kernel where it has one); ``return_attention=True`` takes
-    an explicit softmax path and also returns the ``(B, heads, T, T)``
-    attention weights, so asking for them never slows the default path.
+    backend's fused kernel where it has one) unless ``fused_attention_is_fast``
+    says the explicit path is faster (PyTorch's CPU kernel in 16-bit);
+    ``return_attention=True`` takes the explicit path (softmax in float32) and
+    also returns the ``(B, heads, T, T)`` attention weights, so asking for them
+    never slows the default path.
 
     Example:
     >>> attn = Attention(hidden_dim=32, num_heads=4)
@@ -131,17 +146,20 @@ class Attention(keras.layers.Layer):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(self.qkv(x), (b, t, 3, self.num_heads, self.head_dim))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
-        if not return_attention:
+        if not return_attention and fused_attention_is_fast(q):
             out = ops.dot_product_attention(q, k, v)
             return self.proj(ops.reshape(out, (b, t, self.hidden_dim)))
         q = ops.transpose(q, (0, 2, 1, 3))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
-        logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim**-0.5)
-        attn = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        if return_attention:  # the weights in float32, for analysis
+            logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim**-0.5)
+            attn = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        else:  # the speed path: scale the (smaller) queries; PyTorch's 16-bit CPU softmax accumulates in float32
+            attn = ops.softmax(ops.matmul(q * ops.cast(self.head_dim**-0.5, q.dtype), ops.transpose(k, (0, 1, 3, 2))), axis=-1)
         out = ops.matmul(ops.cast(attn, v.dtype), v)  # (B, H, T, Dh)
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim))
-        return self.proj(out), attn
+        out = self.proj(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim)))
+        return (out, attn) if return_attention else out
 
     def get_config(self):
         config = super().get_config()

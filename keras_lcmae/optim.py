@@ -56,10 +56,86 @@ def decay_exclusions(model):
     return [v for v in model.trainable_variables if len(v.shape) <= 1]
 
 
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class AdamW(keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` -- the same update on every backend -- with
+    a faster update on PyTorch.
+
+    The update is Keras': the decoupled decay ``p *= 1 - lr * wd`` (skipped
+    for excluded variables), then ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) *
+    m / (sqrt(v) + eps)``. Keras' PyTorch AdamW computes it with five
+    temporary copies of all parameters per step. Here, on a PyTorch CPU
+    tensor, it is PyTorch's fused AdamW kernel (one pass over ``p, g, m,
+    v``; decay included) with ``eps / sqrt(1 - b2^t)`` in place of ``eps``,
+    which is the same formula; on other PyTorch devices, in-place foreach
+    operations with one temporary. ``tools/benchmark.py`` measures the
+    difference (on the 2-core CPU, ViT-B MAE: 1.07 s -> 0.07 s per update).
+    Other backends, and ``amsgrad``, take Keras' own path.
+
+    Example:
+    >>> opt = AdamW(1e-3, weight_decay=0.05)
+    >>> isinstance(opt, keras.optimizers.AdamW)
+    True
+    """
+
+    def _torch_fused(self, variables):
+        if keras.backend.backend() != "torch" or self.amsgrad or not variables:
+            return False
+        import torch  # noqa: PLC0415
+
+        return hasattr(torch, "_fused_adamw_") and variables[0].value.device.type == "cpu"
+
+    def _apply_weight_decay(self, variables):
+        if self._torch_fused(variables):
+            return  # the fused kernel applies the same decay
+        super()._apply_weight_decay(variables)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if keras.backend.backend() != "torch" or self.amsgrad:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        import torch  # noqa: PLC0415
+
+        with torch.no_grad():
+            params = [v.value for v in trainable_variables]
+            m = [self._momentums[self._get_variable_index(v)].value for v in trainable_variables]
+            v2 = [self._velocities[self._get_variable_index(v)].value for v in trainable_variables]
+            grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+            if self._torch_fused(trainable_variables):
+                # host scalars are free on the CPU
+                t = float(self.iterations.value.item()) + 1.0
+                lr = float(ops.convert_to_numpy(learning_rate))
+                eps = self.epsilon / math.sqrt(1.0 - self.beta_2**t)
+                step = torch.tensor(t, dtype=torch.float32)
+                decay = [self.weight_decay is not None and self._use_weight_decay(v) for v in trainable_variables]
+                for wanted, wd in ((True, self.weight_decay or 0.0), (False, 0.0)):
+                    idx = [i for i, d in enumerate(decay) if d == wanted]
+                    if idx:
+                        torch._fused_adamw_(
+                            [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx],
+                            [v2[i] for i in idx], [], [step] * len(idx), lr=lr, beta1=self.beta_1,
+                            beta2=self.beta_2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                        )
+                return None
+            dtype = params[0].dtype
+            step = ops.cast(self.iterations + 1, dtype)
+            lr = ops.cast(learning_rate, dtype)
+            alpha = lr * ops.sqrt(1 - ops.power(ops.cast(self.beta_2, dtype), step)) / (
+                1 - ops.power(ops.cast(self.beta_1, dtype), step)
+            )
+            torch._foreach_lerp_(m, grads, 1 - self.beta_1)  # m = b1 m + (1 - b1) g
+            torch._foreach_mul_(v2, self.beta_2)
+            torch._foreach_addcmul_(v2, grads, grads, value=1 - self.beta_2)
+            denom = torch._foreach_sqrt(v2)
+            torch._foreach_add_(denom, self.epsilon)
+            torch._foreach_div_(denom, -alpha)  # p += m / (denom / -alpha)
+            torch._foreach_addcdiv_(params, m, denom)
+        return None
+
+
 def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95):
-    """AdamW as the MAE pretraining recipe uses it, with the exclusions of
-    :func:`decay_exclusions` registered on the optimizer."""
-    opt = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2)
+    """AdamW (:class:`AdamW`) as the MAE pretraining recipe uses it, with the
+    exclusions of :func:`decay_exclusions` registered on the optimizer."""
+    opt = AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2)
     opt.exclude_from_weight_decay(var_list=decay_exclusions(model))
     return opt
 

@@ -71,6 +71,28 @@ def test_attention_weights_on_request_match_fused_path(rng):
     np.testing.assert_allclose(to_np(weights).sum(-1), 1.0, atol=1e-5)
 
 
+def test_16bit_attention_path_matches_numpy(rng):
+    """In bfloat16 the default path is the fused kernel, except on PyTorch's
+    CPU where the explicit 16-bit path runs (its fused backward is slow
+    there); either way the output is numpy's attention to bf16 accuracy."""
+    from keras_lcmae.layers import fused_attention_is_fast
+
+    attn = Attention(32, 4, dtype="mixed_bfloat16")
+    x = rng.normal(size=(2, 7, 32)).astype("float32")
+    y = to_np(attn(x)).astype("float64")
+    q_probe = keras.ops.cast(keras.ops.convert_to_tensor(x[:, :, :8].reshape(2, 7, 1, 8)), "bfloat16")
+    assert fused_attention_is_fast(q_probe) == (keras.backend.backend() != "torch")
+    assert fused_attention_is_fast(keras.ops.convert_to_tensor(x.reshape(2, 7, 4, 8)))  # float32: always fused
+    w = {v.path.split("/")[-2] + "/" + v.path.split("/")[-1]: to_np(v).astype("float64") for v in attn.weights}
+    qkv = (x @ w["qkv/kernel"] + w["qkv/bias"]).reshape(2, 7, 3, 4, 8).transpose(2, 0, 3, 1, 4)
+    logits = qkv[0] @ qkv[1].transpose(0, 1, 3, 2) / np.sqrt(8)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = (p @ qkv[2]).transpose(0, 2, 1, 3).reshape(2, 7, 32) @ w["proj/kernel"] + w["proj/bias"]
+    np.testing.assert_allclose(y, out, atol=0.06 * np.abs(out).max())
+    assert np.abs(y - out).max() > 0  # computed in bf16, not silently in float32
+
+
 def test_drop_path_drops_whole_samples():
     layer = DropPath(0.5, seed=0)
     x = np.ones((64, 3, 4), "float32")
