@@ -25,7 +25,7 @@ COUNT = re.compile(r"(\d+) (passed|failed|skipped|error|errors|deselected)")
 
 
 def run(backend, extra):
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--durations=15"]
     if backend != "tensorflow":
         cmd += ["-m", "not tf_only"]
     cmd += extra
