@@ -17,19 +17,23 @@ import benchmark  # noqa: E402
 @pytest.mark.slow
 def test_benchmark_reports_methods_pipeline_and_ratios():
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--configs", "test", "--methods", "mae,lcmae,ae",
-           "--backends", "tensorflow", "--pipeline", "--pipeline_images", "24", "--warmup", "1", "--steps", "2", "--rounds", "2"]
+           "--backends", "tensorflow", "--pipeline", "--pipeline_images", "24", "--warmup", "1", "--steps", "2", "--rounds", "2", "--optimizer"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
     runs = {r["method"]: r for r in lines if "median_step_s" in r}
-    assert set(runs) == {"mae", "lcmae", "ae", "pipeline"}, lines
+    assert set(runs) == {"mae", "lcmae", "ae", "pipeline", "update_keras_adamw", "update_ours_adamw"}, lines
+    updates = {m: runs.pop(m) for m in ("update_keras_adamw", "update_ours_adamw")}
+    assert all(u["images_per_s"] is None and u["median_step_s"] > 0 and u["steps_timed"] == 4 for u in updates.values())
     for r in runs.values():
         assert r["images_per_s"] > 0 and r["steps_timed"] == 4 and r["rounds"] == 2 and r["peak_rss_mb"] > 0
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_step_s"], rel=1e-2)
     ratios = {r["ratio"]: r["value"] for r in lines if "ratio" in r}
     assert ratios["lcmae_step/mae_step"] == pytest.approx(runs["lcmae"]["median_step_s"] / runs["mae"]["median_step_s"], rel=1e-2)
     assert ratios["mae_step/ae_step"] == pytest.approx(runs["mae"]["median_step_s"] / runs["ae"]["median_step_s"], rel=1e-2)
+    assert ratios["keras AdamW update/ours"] == pytest.approx(
+        updates["update_keras_adamw"]["median_step_s"] / updates["update_ours_adamw"]["median_step_s"], rel=1e-2)
     fastest = max(runs[m]["images_per_s"] for m in ("mae", "lcmae", "ae"))
     assert ratios["pipeline/fastest model images_per_s"] == pytest.approx(runs["pipeline"]["images_per_s"] / fastest, rel=1e-2)
 

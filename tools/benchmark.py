@@ -105,6 +105,48 @@ def keras_worker(args, methods):
     return times, c["batch"]
 
 
+def optimizer_worker(args):
+    """One AdamW update of the config's MAE parameters (random gradients):
+    ``keras.optimizers.AdamW`` against ``keras_lcmae.optim.AdamW`` (the
+    recipe's), interleaved; on PyTorch also ``torch.optim.AdamW`` (its CPU
+    default, a per-parameter loop). Step times are per update."""
+    import keras
+    import numpy as np
+
+    from keras_lcmae import optim
+
+    c = CONFIGS[args.config]
+    model = build_model("mae", c)
+    model(np.zeros((1, c["image"], c["image"], 3), "float32"))
+    variables = model.trainable_variables
+    rng = np.random.default_rng(0)
+    grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in variables]
+    updates = {}
+    for name, cls in (("update_keras_adamw", keras.optimizers.AdamW), ("update_ours_adamw", optim.AdamW)):
+        opt = cls(1e-4, weight_decay=0.05, beta_1=0.9, beta_2=0.95)
+        opt.exclude_from_weight_decay(var_list=optim.decay_exclusions(model))
+        opt.build(variables)
+        updates[name] = lambda opt=opt: (opt.apply(grads, variables), float(keras.ops.convert_to_numpy(variables[0][0]).ravel()[0]))
+    if keras.backend.backend() == "torch":
+        import torch
+
+        params = [torch.nn.Parameter(v.value.detach().clone()) for v in variables]
+        for p, g in zip(params, grads):
+            p.grad = g
+        topt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        updates["update_torch_adamw"] = topt.step
+    times = {name: [] for name in updates}
+    for _ in range(args.warmup):
+        for fn in updates.values():
+            fn()
+    for _ in range(args.steps):
+        for name, fn in updates.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times, None
+
+
 def make_jpeg_folder(root, n, seed=0):
     """``n`` JPEG files (quality 90) in 4 class folders, each a random crop
     (sides 256-480 px) of one of scikit-image's bundled photos, so decoding
@@ -198,6 +240,11 @@ def worker(args):
         import torch
 
         version = f"torch {torch.__version__}"
+    elif methods == ["optimizer"]:
+        times, batch = optimizer_worker(args)
+        import keras
+
+        version = f"keras {keras.__version__} ({args.backend})"
     else:
         times, batch = keras_worker(args, methods)
         import keras
@@ -219,7 +266,7 @@ def emit(args, method, times, batch, version):
                 "dtype": args.dtype,
                 "batch": batch,
                 "median_step_s": round(median, 5),
-                "images_per_s": round(batch / median, 2),
+                "images_per_s": round(batch / median, 2) if batch else None,
                 "steps_timed": len(times),
                 "step_s": [round(t, 5) for t in times],
                 "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -254,6 +301,9 @@ def main():
     parser.add_argument("--pipeline", action="store_true",
                         help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
     parser.add_argument("--pipeline_images", type=int, default=256, help="JPEG files made for --pipeline")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
+                             "(and torch.optim.AdamW on the torch backend), on each backend")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every measurement this many times, alternating order; steps are pooled")
     parser.add_argument("--warmup", type=int, default=3)
@@ -270,6 +320,8 @@ def main():
             jobs += [(config, "mae", "hf_torch", "off", dtype) for dtype in args.dtype.split(",")]
         if args.pipeline:
             jobs.append((config, "pipeline", "pipeline", "off", "float32"))
+        if args.optimizer:
+            jobs += [(config, "optimizer", backend, "auto", "float32") for backend in args.backends.split(",")]
         for backend in args.backends.split(","):
             for jit in args.jit.split(","):
                 for dtype in args.dtype.split(","):
@@ -294,7 +346,7 @@ def main():
     results = []
     for rec in pooled.values():
         median = statistics.median(rec["step_s"])
-        rec.update(median_step_s=round(median, 5), images_per_s=round(rec["batch"] / median, 2),
+        rec.update(median_step_s=round(median, 5), images_per_s=round(rec["batch"] / median, 2) if rec["batch"] else None,
                    steps_timed=len(rec["step_s"]), rounds=args.rounds)
         del rec["step_s"]
         print(json.dumps(rec), flush=True)
@@ -318,6 +370,12 @@ def ratios(results):
                 if r["method"] == num and d["method"] == den and all(r[k] == d[k] for k in same):
                     out.append({"ratio": name, **{k: r[k] for k in same},
                                 "value": round(r["median_step_s"] / d["median_step_s"], 3)})
+    for r in ok:
+        if r["method"] == "update_keras_adamw":
+            for o in ok:
+                if o["method"] == "update_ours_adamw" and o["config"] == r["config"] and o["backend"] == r["backend"]:
+                    out.append({"ratio": "keras AdamW update/ours", "config": r["config"], "backend": r["backend"],
+                                "value": round(r["median_step_s"] / o["median_step_s"], 3)})
     for p in [r for r in ok if r["method"] == "pipeline"]:
         models = [m for m in ok if m["config"] == p["config"] and m["method"] in ("mae", "lcmae", "ae")]
         if models:
