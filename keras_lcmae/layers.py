@@ -101,7 +101,7 @@ def fused_attention_is_fast(q):
     """
     if keras.backend.backend() != "torch" or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
         return True
-    return q.device.type != "cpu"
+    return getattr(getattr(q, "device", None), "type", None) != "cpu"
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
