@@ -56,6 +56,38 @@ def decay_exclusions(model):
     return [v for v in model.trainable_variables if len(v.shape) <= 1]
 
 
+def _torch_cpu_fused(variables):
+    """Whether PyTorch's fused AdamW kernel can update ``variables``: the
+    PyTorch backend, tensors on the CPU (where foreach operations are
+    per-tensor loops and the fused kernel makes one pass)."""
+    if keras.backend.backend() != "torch" or not variables:
+        return False
+    import torch  # noqa: PLC0415
+
+    return hasattr(torch, "_fused_adamw_") and variables[0].value.device.type == "cpu"
+
+
+def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
+    """Runs ``torch._fused_adamw_`` once per group; ``groups`` maps
+    ``(lr, weight_decay)`` (host floats) to variable indices. The kernel is
+    ``torch.optim.AdamW``'s: ``p *= 1 - lr wd``; ``p -= lr / (1 - b1^t) * m /
+    (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
+    import torch  # noqa: PLC0415
+
+    with torch.no_grad():
+        params = [v.value for v in trainable_variables]
+        m = [opt._momentums[opt._get_variable_index(v)].value for v in trainable_variables]
+        v2 = [opt._velocities[opt._get_variable_index(v)].value for v in trainable_variables]
+        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        step = torch.tensor(float(t), dtype=torch.float32)
+        for (lr, wd), idx in groups.items():
+            torch._fused_adamw_(
+                [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx], [v2[i] for i in idx], [],
+                [step] * len(idx), lr=lr, beta1=opt.beta_1, beta2=opt.beta_2, weight_decay=wd, eps=eps,
+                amsgrad=False, maximize=False,
+            )
+
+
 @keras.saving.register_keras_serializable(package="keras_lcmae")
 class AdamW(keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` -- the same update on every backend -- with
@@ -79,11 +111,7 @@ class AdamW(keras.optimizers.AdamW):
     """
 
     def _torch_fused(self, variables):
-        if keras.backend.backend() != "torch" or self.amsgrad or not variables:
-            return False
-        import torch  # noqa: PLC0415
-
-        return hasattr(torch, "_fused_adamw_") and variables[0].value.device.type == "cpu"
+        return not self.amsgrad and _torch_cpu_fused(variables)
 
     def _apply_weight_decay(self, variables):
         if self._torch_fused(variables):
@@ -93,6 +121,16 @@ class AdamW(keras.optimizers.AdamW):
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if keras.backend.backend() != "torch" or self.amsgrad:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        if self._torch_fused(trainable_variables):
+            # host scalars are free on the CPU
+            t = float(self.iterations.value.item()) + 1.0
+            lr = float(ops.convert_to_numpy(learning_rate))
+            groups = {}
+            for i, v in enumerate(trainable_variables):
+                wd = self.weight_decay if self.weight_decay is not None and self._use_weight_decay(v) else 0.0
+                groups.setdefault((lr, float(wd)), []).append(i)
+            _fused_adamw_groups(self, trainable_variables, grads, groups, t, self.epsilon / math.sqrt(1.0 - self.beta_2**t))
+            return None
         import torch  # noqa: PLC0415
 
         with torch.no_grad():
@@ -100,22 +138,6 @@ class AdamW(keras.optimizers.AdamW):
             m = [self._momentums[self._get_variable_index(v)].value for v in trainable_variables]
             v2 = [self._velocities[self._get_variable_index(v)].value for v in trainable_variables]
             grads = [g.to(p.dtype) for g, p in zip(grads, params)]
-            if self._torch_fused(trainable_variables):
-                # host scalars are free on the CPU
-                t = float(self.iterations.value.item()) + 1.0
-                lr = float(ops.convert_to_numpy(learning_rate))
-                eps = self.epsilon / math.sqrt(1.0 - self.beta_2**t)
-                step = torch.tensor(t, dtype=torch.float32)
-                decay = [self.weight_decay is not None and self._use_weight_decay(v) for v in trainable_variables]
-                for wanted, wd in ((True, self.weight_decay or 0.0), (False, 0.0)):
-                    idx = [i for i, d in enumerate(decay) if d == wanted]
-                    if idx:
-                        torch._fused_adamw_(
-                            [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx],
-                            [v2[i] for i in idx], [], [step] * len(idx), lr=lr, beta1=self.beta_1,
-                            beta2=self.beta_2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
-                        )
-                return None
             dtype = params[0].dtype
             step = ops.cast(self.iterations + 1, dtype)
             lr = ops.cast(learning_rate, dtype)
@@ -297,8 +319,9 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
     root) applied to a param group whose lr is ``lr_s``: the decay is scaled
     by the multiplier too. Parameters of rank <= 1 (biases, norms) and the
     paths in ``no_weight_decay`` are not decayed. The update is written with
-    ``keras.ops`` in ``update_step``, so it is the same on every backend (no
-    backend's fused AdamW is substituted).
+    ``keras.ops`` in ``update_step`` and runs so on every backend, except on
+    PyTorch CPU tensors: there it is exactly ``torch.optim.AdamW``'s fused
+    kernel, called once per (lr multiplier, decay) group.
 
     Args:
         learning_rate: float or ``LearningRateSchedule`` (the lr of the head).
@@ -370,8 +393,24 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
         ]
 
     def _apply_weight_decay(self, variables):
-        # Decay is applied per variable, scaled, inside `update_step`.
+        # Decay is applied per variable, scaled, inside the update.
         return
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # On a PyTorch CPU tensor: the update above is torch.optim.AdamW's per
+        # param group, so PyTorch's fused kernel runs once per (lr scale,
+        # decay) group; elsewhere Keras' per-variable loop over `update_step`.
+        if not _torch_cpu_fused(trainable_variables):
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        t = float(self.iterations.value.item()) + 1.0
+        lr = float(ops.convert_to_numpy(learning_rate))
+        groups = {}
+        for i, v in enumerate(trainable_variables):
+            index = self._get_variable_index(v)
+            wd = self.weight_decay if self._decays[index] else 0.0
+            groups.setdefault((lr * self._scales[index], float(wd)), []).append(i)
+        _fused_adamw_groups(self, trainable_variables, grads, groups, t, self.epsilon)
+        return None
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
