@@ -330,29 +330,41 @@ def main():
     # Rounds: the whole job list runs ``--rounds`` times, every other round in
     # reverse order, and each figure is the median of its steps pooled over
     # the rounds, so slow spells of a shared machine hit every job alike.
-    pooled = {}
+    records = []
     for r in range(args.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
             for rec in spawn(*job, args.warmup, args.steps, args.pipeline_images):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
-                    continue
-                key = tuple(rec[k] for k in ("config", "method", "backend", "jit", "dtype"))
-                if key in pooled:
-                    pooled[key]["step_s"] += rec["step_s"]
-                    pooled[key]["peak_rss_mb"] = max(pooled[key]["peak_rss_mb"], rec["peak_rss_mb"])
                 else:
-                    pooled[key] = rec
-    results = []
-    for rec in pooled.values():
-        median = statistics.median(rec["step_s"])
-        rec.update(median_step_s=round(median, 5), images_per_s=round(rec["batch"] / median, 2) if rec["batch"] else None,
-                   steps_timed=len(rec["step_s"]), rounds=args.rounds)
-        del rec["step_s"]
+                    records.append(rec)
+    results = pool(records, args.rounds)
+    for rec in results:
         print(json.dumps(rec), flush=True)
-        results.append(rec)
     for ratio in ratios(results):
         print(json.dumps(ratio), flush=True)
+
+
+def pool(records, rounds):
+    """One record per (config, method, backend, jit, dtype): the step times
+    of its ``rounds`` worker records pooled, the median and images/s taken
+    over all of them, the largest peak RSS."""
+    pooled = {}
+    for rec in records:
+        key = tuple(rec[k] for k in ("config", "method", "backend", "jit", "dtype"))
+        if key in pooled:
+            pooled[key]["step_s"] = pooled[key]["step_s"] + rec["step_s"]
+            pooled[key]["peak_rss_mb"] = max(pooled[key]["peak_rss_mb"], rec["peak_rss_mb"])
+        else:
+            pooled[key] = dict(rec)
+    results = []
+    for rec in pooled.values():
+        steps = rec.pop("step_s")
+        median = statistics.median(steps)
+        rec.update(median_step_s=round(median, 5), images_per_s=round(rec["batch"] / median, 2) if rec["batch"] else None,
+                   steps_timed=len(steps), rounds=rounds)
+        results.append(rec)
+    return results
 
 
 def ratios(results):

@@ -3,7 +3,9 @@
 
 Keras fixes its backend at import, so each backend gets its own pytest
 process. Backend-independent tests (marker ``tf_only``: numpy, tf.data,
-files, subprocess tools) run once, in the TensorFlow pass.
+files, subprocess tools) run once, in the TensorFlow pass; training-dynamics
+studies whose per-backend numerics other tests already cover (marker
+``torch_pass``) run once, in the PyTorch pass, the fastest here.
 
     python tools/run_tests.py                 # all three backends
     python tools/run_tests.py --backends jax  # one backend
@@ -26,8 +28,12 @@ COUNT = re.compile(r"(\d+) (passed|failed|skipped|error|errors|deselected)")
 
 def run(backend, extra):
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--durations=15"]
-    if backend != "tensorflow":
+    if backend == "tensorflow":
+        cmd += ["-m", "not torch_pass"]
+    elif backend == "torch":
         cmd += ["-m", "not tf_only"]
+    else:
+        cmd += ["-m", "not tf_only and not torch_pass"]
     cmd += extra
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     print(f"=== KERAS_BACKEND={backend}: {' '.join(cmd[1:])}", flush=True)
