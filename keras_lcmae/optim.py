@@ -67,6 +67,15 @@ def _torch_cpu_fused(variables):
     return hasattr(torch, "_fused_adamw_") and variables[0].value.device.type == "cpu"
 
 
+def _torch_adam_state(opt, trainable_variables, grads):
+    """The tensors an Adam update writes: parameters, first and second
+    moments, and the gradients in the parameters' dtype."""
+    params = [v.value for v in trainable_variables]
+    m = [opt._momentums[opt._get_variable_index(v)].value for v in trainable_variables]
+    v2 = [opt._velocities[opt._get_variable_index(v)].value for v in trainable_variables]
+    return params, m, v2, [g.to(p.dtype) for g, p in zip(grads, params)]
+
+
 def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
     """Runs ``torch._fused_adamw_`` once per group; ``groups`` maps
     ``(lr, weight_decay)`` (host floats) to variable indices. The kernel is
@@ -75,10 +84,7 @@ def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
     import torch  # noqa: PLC0415
 
     with torch.no_grad():
-        params = [v.value for v in trainable_variables]
-        m = [opt._momentums[opt._get_variable_index(v)].value for v in trainable_variables]
-        v2 = [opt._velocities[opt._get_variable_index(v)].value for v in trainable_variables]
-        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        params, m, v2, grads = _torch_adam_state(opt, trainable_variables, grads)
         step = torch.tensor(float(t), dtype=torch.float32)
         for (lr, wd), idx in groups.items():
             torch._fused_adamw_(
@@ -134,10 +140,7 @@ class AdamW(keras.optimizers.AdamW):
         import torch  # noqa: PLC0415
 
         with torch.no_grad():
-            params = [v.value for v in trainable_variables]
-            m = [self._momentums[self._get_variable_index(v)].value for v in trainable_variables]
-            v2 = [self._velocities[self._get_variable_index(v)].value for v in trainable_variables]
-            grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+            params, m, v2, grads = _torch_adam_state(self, trainable_variables, grads)
             dtype = params[0].dtype
             step = ops.cast(self.iterations + 1, dtype)
             lr = ops.cast(learning_rate, dtype)
