@@ -95,9 +95,11 @@ def fused_attention_is_fast(q):
     """Whether ``keras.ops.dot_product_attention`` is the fast path for ``q``.
 
     It is everywhere except PyTorch on the CPU in 16-bit: there the fused
-    ``scaled_dot_product_attention`` backward runs 2-5x slower than in float32
-    and than the explicit matmul-softmax-matmul (``tools/benchmark.py``
-    measures the whole step both ways), so the explicit path is taken.
+    ``scaled_dot_product_attention`` forward+backward in bf16 ran 2-5x slower
+    than in float32 and than the explicit matmul-softmax-matmul (timed per
+    attention shape of tiny32 and ViT-B on the project's 2-core CPU, torch
+    2.13), so the explicit path is taken; ``tools/benchmark.py`` times whole
+    steps with the path this function picks.
     """
     if keras.backend.backend() != "torch" or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
         return True
