@@ -93,6 +93,78 @@ def test_16bit_attention_path_matches_numpy(rng):
     assert np.abs(y - out).max() > 0  # computed in bf16, not silently in float32
 
 
+def _jax_encoder_grad(depth, fusion_break, x):
+    """The compiled gradient of a tiny ViT encoder's token stack on JAX, and
+    the op count of its largest fusion."""
+    import re
+
+    import jax
+
+    from keras_lcmae import layers as layers_module
+
+    keras.utils.set_random_seed(0)  # the same weights for the same depth
+    encoder = ViTEncoder(image_size=16, patch_size=4, hidden_dim=32, depth=depth, num_heads=2)
+    encoder.build((None, 16, 16, 3))
+    variables = encoder.trainable_variables
+
+    def loss(values, tokens):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return jax.numpy.mean(jax.numpy.square(encoder.forward_tokens(tokens, training=True)))
+
+    saved = layers_module.needs_gradient_fusion_break
+    layers_module.needs_gradient_fusion_break = lambda: fusion_break
+    try:
+        grad = jax.jit(jax.grad(loss))
+        values = [v.value for v in variables]
+        hlo = grad.lower(values, x).compile().as_text()
+        grads = [np.asarray(g) for g in grad(values, x)]
+    finally:
+        layers_module.needs_gradient_fusion_break = saved
+    fusions = re.split(r"\n(?=\S.*\{\n)", hlo)
+    largest = max(len(re.findall(r"= \S+ [\w-]+\(", c)) for c in fusions if c.startswith("%fused"))
+    return grads, largest
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA:CPU fusion workaround of the JAX backend")
+def test_jax_cpu_gradient_fusion_break(rng):
+    """On JAX/CPU each block's input passes a gradient fusion break: without it
+    XLA:CPU duplicates the residual-gradient chain of all blocks into every
+    consumer (the largest fusion grows with depth: quadratic backward work);
+    with it the largest fusion stays the same size at depth 2 and 6, and the
+    gradients are those of the plain graph."""
+    from keras_lcmae.layers import gradient_fusion_break, needs_gradient_fusion_break
+
+    assert needs_gradient_fusion_break()  # the suite runs JAX on the CPU
+    x = rng.normal(size=(2, 5, 32)).astype("float32")
+    g2, largest2 = _jax_encoder_grad(2, True, x)
+    g6, largest6 = _jax_encoder_grad(6, True, x)
+    _, plain2 = _jax_encoder_grad(2, False, x)
+    plain6_grads, plain6 = _jax_encoder_grad(6, False, x)
+    assert largest6 == largest2
+    assert plain6 > plain2 + 40  # the pathology the break removes
+    scale = max(np.abs(b).max() for b in plain6_grads)  # float32 sums in another order
+    for a, b in zip(g6, plain6_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+    import jax
+
+    # the cotangent passes unchanged, NaN and inf included (never zeroed)
+    cot = np.array([np.nan, np.inf, -np.inf, 2.0], "float32")
+    _, vjp = jax.vjp(gradient_fusion_break, np.ones(4, "float32"))
+    np.testing.assert_array_equal(np.asarray(vjp(cot)[0]), cot)
+    _, vjp = jax.vjp(gradient_fusion_break, np.ones(4, "float32"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(vjp)(cot[::-1])[0]), cot[::-1])
+
+
+def test_gradient_fusion_break_is_identity_elsewhere():
+    from keras_lcmae.layers import gradient_fusion_break, needs_gradient_fusion_break
+
+    if keras.backend.backend() != "jax":
+        assert not needs_gradient_fusion_break()
+    x = keras.ops.convert_to_tensor(np.arange(6, dtype="float32").reshape(2, 3))
+    np.testing.assert_array_equal(to_np(gradient_fusion_break(x)), to_np(x))
+
+
 def test_drop_path_drops_whole_samples():
     layer = DropPath(0.5, seed=0)
     x = np.ones((64, 3, 4), "float32")
