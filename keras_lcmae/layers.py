@@ -5,6 +5,8 @@ projection with bias, exact (erf) GELU in an MLP of ratio 4, LayerNorm with
 ``epsilon=1e-6``, xavier-uniform linear kernels and zero biases.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -253,9 +255,7 @@ def validate_image_shape(shape, image_size, num_channels, who):
         )
 
 
-_JAX_FUSION_BREAK = None
-
-
+@functools.cache
 def _jax_fusion_break():
     """An identity for JAX whose backward passes the cotangent through a
     ``lax.cond`` whose predicate is always true but not foldable.
@@ -270,24 +270,21 @@ def _jax_fusion_break():
     before fusion. The predicate ``(e == e) | (e != e)`` is true for every
     float including NaN and inf, so the cotangent always passes unchanged.
     """
-    global _JAX_FUSION_BREAK
-    if _JAX_FUSION_BREAK is None:
-        import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415
 
-        @jax.custom_vjp
-        def fusion_break(x):
-            return x
+    @jax.custom_vjp
+    def fusion_break(x):
+        return x
 
-        def fwd(x):
-            return x, None
+    def fwd(x):
+        return x, None
 
-        def bwd(_, g):
-            e = g.reshape(-1)[0]
-            return (jax.lax.cond((e == e) | (e != e), lambda t: t, jax.numpy.zeros_like, g),)
+    def bwd(_, g):
+        e = g.reshape(-1)[0]
+        return (jax.lax.cond((e == e) | (e != e), lambda t: t, jax.numpy.zeros_like, g),)
 
-        fusion_break.defvjp(fwd, bwd)
-        _JAX_FUSION_BREAK = fusion_break
-    return _JAX_FUSION_BREAK
+    fusion_break.defvjp(fwd, bwd)
+    return fusion_break
 
 
 def needs_gradient_fusion_break():
