@@ -17,7 +17,8 @@ import benchmark  # noqa: E402
 @pytest.mark.slow
 def test_benchmark_reports_methods_pipeline_and_ratios():
     cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--configs", "test", "--methods", "mae,lcmae,ae",
-           "--backends", "tensorflow", "--pipeline", "--pipeline_images", "24", "--warmup", "1", "--steps", "2", "--optimizer"]
+           "--backends", "tensorflow", "--pipeline", "--pipeline_images", "24", "--warmup", "1", "--steps", "2", "--optimizer",
+           "--batch", "4", "--peak_tflops", "0.5"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -28,7 +29,16 @@ def test_benchmark_reports_methods_pipeline_and_ratios():
     assert all(u["images_per_s"] is None and u["median_step_s"] > 0 and u["steps_timed"] == 2 for u in updates.values())
     for r in runs.values():
         assert r["images_per_s"] > 0 and r["steps_timed"] == 2 and r["rounds"] == 1 and r["peak_rss_mb"] > 0
-        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_step_s"], rel=1e-2)
+        assert r["batch"] == 4 and r["images_per_s"] == pytest.approx(4 / r["median_step_s"], rel=1e-2)
+        assert r["device"].startswith("cpu: ") and r["peak_device_mb"] is None
+    for method in ("mae", "lcmae", "ae"):  # model FLOPs, achieved TFLOP/s and MFU against --peak_tflops
+        r = runs[method]
+        assert r["flops_per_image"] == benchmark.train_flops_per_image(benchmark.CONFIGS["test"], method) > 0
+        assert r["tflops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e12, rel=1e-2)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5, rel=1e-2)
+    assert runs["mae"]["flops_per_image"] < runs["lcmae"]["flops_per_image"] < 2 * runs["mae"]["flops_per_image"]
+    assert runs["mae"]["flops_per_image"] < runs["ae"]["flops_per_image"]
+    assert runs["pipeline"]["flops_per_image"] is None and runs["pipeline"]["mfu"] is None
     ratios = {r["ratio"]: r["value"] for r in lines if "ratio" in r}
     assert ratios["lcmae_step/mae_step"] == pytest.approx(runs["lcmae"]["median_step_s"] / runs["mae"]["median_step_s"], rel=1e-2)
     assert ratios["mae_step/ae_step"] == pytest.approx(runs["mae"]["median_step_s"] / runs["ae"]["median_step_s"], rel=1e-2)
@@ -76,3 +86,68 @@ def test_rounds_pool_their_steps():
     assert got["bfloat16"]["median_step_s"] == 0.5 and got["bfloat16"]["steps_timed"] == 1
     update = benchmark.pool([dict(base, method="update_ours_adamw", batch=None, step_s=[0.1], peak_rss_mb=1.0)], 1)[0]
     assert update["images_per_s"] is None
+
+
+@pytest.mark.parametrize("name", ["test", "tiny32", "base224"])
+def test_forward_flops_match_hf_vitmae_flop_counter(name):
+    """The analytic MAE forward FLOPs equal PyTorch's FlopCounterMode count of
+    transformers' ViTMAE (an independent implementation) on the same config,
+    less HF's prediction of the [CLS] token (it predicts it, then drops it)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = benchmark.CONFIGS[name]
+    torch.manual_seed(0)
+    model = transformers.ViTMAEForPreTraining(benchmark.hf_config(c, attn_implementation="eager")).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.rand(2, 3, c["image"], c["image"]))
+    per_image = counter.get_total_flops() // 2
+    cls_prediction = 2 * c["dec_width"] * c["patch"] ** 2 * 3
+    assert benchmark.forward_flops_per_image(c, "mae") == per_image - cls_prediction
+    assert benchmark.train_flops_per_image(c, "mae") == 3 * benchmark.forward_flops_per_image(c, "mae")
+    assert benchmark.train_flops_per_image(c, "pipeline") is None
+
+
+def test_peak_table_and_mfu():
+    peak = benchmark.peak_tflops_for
+    assert peak("gpu: NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peak("gpu: NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak("gpu: NVIDIA H100 NVL", "bfloat16") == 835.5
+    assert peak("gpu: NVIDIA H200", "bfloat16") == 989.4
+    assert peak("gpu: NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
+    assert peak("gpu: NVIDIA L40S", "bfloat16") == 362.05 and peak("gpu: NVIDIA L4", "bfloat16") == 121.0
+    assert peak("gpu: NVIDIA A10", "bfloat16") == 125.0 and peak("gpu: NVIDIA A10G", "bfloat16") is None
+    assert peak("gpu: NVIDIA H100 80GB HBM3", "float32") is None  # TF32 or not: unknown
+    assert peak("cpu: AMD EPYC (2 cores)", "bfloat16") is None
+    assert peak("cpu: AMD EPYC (2 cores)", "float32", override=2.5) == 2.5
+    rec = benchmark.with_rates({"batch": 8, "flops_per_image": 1e12, "peak_tflops": 100.0}, [0.5, 0.4, 0.2])
+    assert rec["median_step_s"] == 0.4 and rec["images_per_s"] == 20.0
+    assert rec["tflops"] == pytest.approx(20.0) and rec["mfu"] == pytest.approx(0.2)
+    rec = benchmark.with_rates({"batch": None, "flops_per_image": None, "peak_tflops": None}, [0.1])
+    assert rec["images_per_s"] is None and rec["tflops"] is None and rec["mfu"] is None
+
+
+def test_device_and_memory_reads_each_backends_gpu(monkeypatch):
+    """The GPU branches, with each library's device queries stubbed (CI has
+    no GPU): the name and peak memory come from the backend's own API."""
+    import types
+
+    import jax
+    import tensorflow as tf
+    import torch
+
+    assert benchmark.device_and_memory("torch") == (benchmark.cpu_name(), None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    for backend in ("torch", "hf_torch"):
+        assert benchmark.device_and_memory(backend) == ("gpu: NVIDIA H100 80GB HBM3", 3072.0)
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", memory_stats=lambda: {"peak_bytes_in_use": 2**29})
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    assert benchmark.device_and_memory("jax") == ("gpu: NVIDIA H200", 512.0)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda d: {"device_name": "NVIDIA A100-SXM4-80GB"})
+    monkeypatch.setattr(tf.config.experimental, "get_memory_info", lambda d: {"current": 1, "peak": 2**20})
+    assert benchmark.device_and_memory("tensorflow") == ("gpu: NVIDIA A100-SXM4-80GB", 1.0)
+    assert benchmark.peak_tflops_for(benchmark.device_and_memory("tensorflow")[0], "bfloat16") == 312.0

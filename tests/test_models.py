@@ -314,3 +314,31 @@ def test_attention_maps_on_request_do_not_change_outputs(rng):
     ids = np.tile(np.arange(16), (2, 1))
     dec = mae.decoder(mae.encoder.forward_tokens(tokens), ids, return_attention=True)
     assert len(dec["attention"]) == 1 and tuple(dec["attention"][0].shape) == (2, 2, 17, 17)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="counts the executed matmuls with PyTorch's FlopCounterMode")
+@pytest.mark.parametrize("method", ["mae", "lcmae", "ae"])
+def test_benchmark_flops_match_the_executed_matmuls(method):
+    """tools/benchmark.py's model FLOPs (its MFU figure) equal the matmul
+    FLOPs our models execute in a forward pass, counted by PyTorch (the
+    16-bit policy takes the explicit attention path, whose products the
+    counter sees; PyTorch's fused CPU kernel is not in its registry)."""
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import benchmark
+
+    c = benchmark.CONFIGS["test"]
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = benchmark.build_model(method, c)
+        x = np.random.default_rng(0).random((3, c["image"], c["image"], 3)).astype("float32")
+        model(x)  # built, so the count below is one forward only
+        with FlopCounterMode(display=False) as counter:
+            model(x, training=True)
+    finally:
+        keras.config.set_dtype_policy(saved)
+    assert counter.get_total_flops() == 3 * benchmark.forward_flops_per_image(c, method)

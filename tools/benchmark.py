@@ -6,11 +6,17 @@ Every measurement runs in its own process (Keras fixes its backend at import;
 peak memory is per process) and prints one JSON line; ratios measured in the
 same run follow. Throughput is the median over timed steps after warm-up of
 ``train_on_batch`` on one fixed batch, in images per second (LC-MAE counts
-each image once although it runs two views).
+each image once although it runs two views). Each record also gives the
+device, the model FLOPs per image of a training step, the achieved TFLOP/s,
+the model-FLOP utilisation against the device's peak where it is known (bf16
+on the NVIDIA GPUs of ``GPU_PEAK_BF16_TFLOPS``, or ``--peak_tflops``) and, on
+a GPU, the peak device memory; the HF reference runs on the GPU when PyTorch
+sees one.
 
     python tools/benchmark.py --configs tiny32 --methods mae,lcmae --backends tensorflow,jax,torch
     python tools/benchmark.py --configs base224 --methods mae --reference
     python tools/benchmark.py --configs base224 --methods mae,ae --backends torch --pipeline
+    python tools/benchmark.py --configs base224 --methods mae --dtype bfloat16 --reference --batch 64  # a GPU
 
 Configs: ``tiny32`` (ViT 192 x 12, 3 heads, 32 px, patch 4, decoder 128 x 2
 with 4 heads, batch 64), ``base224`` (ViT-B/16 at 224, decoder 512 x 8 with 16
@@ -42,6 +48,121 @@ CONFIGS = {
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def config_for(args):
+    """The named config, with ``--batch`` in place of its batch when given."""
+    c = dict(CONFIGS[args.config])
+    if getattr(args, "batch", None):
+        c["batch"] = int(args.batch)
+    return c
+
+
+def forward_flops_per_image(c, method, mask_ratio=0.75, mlp_ratio=4):
+    """Matmul FLOPs (two per multiply-add) of one image's forward pass through
+    the network: the patch embedding of every patch, the encoder on ``[CLS]``
+    + the visible tokens (all tokens for ``ae``), the decoder embedding, the
+    decoder on ``[CLS]`` + every position, and the prediction head on the
+    patch positions. Per block: the qkv, output and two MLP projections and
+    the two attention products (``QK^T`` and ``AV``). LC-MAE embeds the
+    patches once and runs the rest for each of its two views; its projector
+    and loss matmuls are not counted (they are the loss's, and
+    under 1 % of the network's at these sizes). Elementwise work (norms,
+    softmax, GELU) is not counted, as is usual for model FLOPs."""
+    from keras_lcmae.masking import num_visible
+
+    n = (c["image"] // c["patch"]) ** 2
+    pix = c["patch"] ** 2 * 3
+
+    def blocks(depth, tokens, width):
+        dense = 2 * tokens * width * width * (3 + 1 + 2 * mlp_ratio)
+        return depth * (dense + 4 * tokens * tokens * width)
+
+    encoded = 1 + (n if method == "ae" else num_visible(n, mask_ratio))
+    view = blocks(c["depth"], encoded, c["width"])
+    view += 2 * encoded * c["width"] * c["dec_width"]
+    view += blocks(c["dec_depth"], 1 + n, c["dec_width"])
+    view += 2 * n * c["dec_width"] * pix  # AE(p): the block is the patch
+    # LC-MAE embeds the patches once and runs the rest for each view
+    return 2 * n * pix * c["width"] + view * (2 if method == "lcmae" else 1)
+
+
+def train_flops_per_image(c, method):
+    """Model FLOPs of one training step per image: 3 x the forward matmul
+    FLOPs (the backward does two matmuls per forward one), the convention of
+    model-FLOP utilisation (MFU)."""
+    return 3 * forward_flops_per_image(c, method) if method in ("mae", "lcmae", "ae") else None
+
+
+# Dense (no sparsity) bf16 tensor-core peak of GPUs, TFLOP/s, from NVIDIA's
+# data sheets; the first pattern found in the device name wins. A device not
+# listed gets no MFU unless --peak_tflops gives its peak.
+GPU_PEAK_BF16_TFLOPS = (
+    (r"H200 NVL", 835.5),
+    (r"H200", 989.4),  # H200 SXM, GH200
+    (r"H100 PCIe", 756.0),
+    (r"H100 NVL", 835.5),
+    (r"H100", 989.4),  # H100 SXM ("NVIDIA H100 80GB HBM3")
+    (r"A100", 312.0),
+    (r"L40S", 362.05),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+)
+
+
+def peak_tflops_for(device, dtype, override=None):
+    """The device's peak TFLOP/s for ``dtype`` training: ``override`` when
+    given; for bfloat16 on a GPU of :data:`GPU_PEAK_BF16_TFLOPS` its dense
+    bf16 peak; otherwise None (float32 peaks depend on TF32 settings, and a
+    CPU's on its vector units: pass ``--peak_tflops``)."""
+    import re
+
+    if override:
+        return float(override)
+    if dtype != "bfloat16" or not device.startswith("gpu:"):
+        return None
+    for pattern, peak in GPU_PEAK_BF16_TFLOPS:
+        if re.search(pattern, device):
+            return peak
+    return None
+
+
+def cpu_name():
+    name = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {name} ({cores} cores)"
+
+
+def device_and_memory(backend):
+    """``(device, peak_device_mb)`` of the worker's backend: ``"gpu: <name>"``
+    and the accelerator's peak allocated memory when the backend computes on
+    a GPU, else ``(cpu_name(), None)``."""
+    if backend in ("torch", "hf_torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"gpu: {torch.cuda.get_device_name(0)}", torch.cuda.max_memory_allocated() / 2**20
+    elif backend == "jax":
+        import jax
+
+        dev = jax.devices()[0]
+        if dev.platform == "gpu":
+            stats = dev.memory_stats() or {}
+            peak = stats.get("peak_bytes_in_use")
+            return f"gpu: {dev.device_kind}", (peak / 2**20 if peak is not None else None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
+            return f"gpu: {name}", tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return cpu_name(), None
 
 
 def time_steps(step, warmup, steps):
@@ -77,12 +198,13 @@ def keras_worker(args, methods):
 
     from keras_lcmae import optim
 
-    c = CONFIGS[args.config]
+    c = config_for(args)
     if args.dtype == "bfloat16":
         keras.config.set_dtype_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
     jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
     x = np.random.default_rng(0).random((c["batch"], c["image"], c["image"], 3)).astype("float32")
+    x = keras.ops.convert_to_tensor(x)  # on the backend's device once, as the reference's input is
     steps = {}
     for method in methods:
         model = build_model(method, c)
@@ -115,7 +237,7 @@ def optimizer_worker(args):
 
     from keras_lcmae import optim
 
-    c = CONFIGS[args.config]
+    c = config_for(args)
     model = build_model("mae", c)
     model(np.zeros((1, c["image"], c["image"], 3), "float32"))
     variables = model.trainable_variables
@@ -179,7 +301,7 @@ def pipeline_worker(args):
 
     from keras_lcmae import data
 
-    c = CONFIGS[args.config]
+    c = config_for(args)
     with tempfile.TemporaryDirectory() as root:
         make_jpeg_folder(root, args.pipeline_images)
         source, _, _, _ = data.image_folder_dataset(root, channels=3)
@@ -195,25 +317,33 @@ def pipeline_worker(args):
     return times, c["batch"]
 
 
-def reference_worker(args):
-    """transformers' ViTMAEForPreTraining in PyTorch, eager, same sizes; with
-    ``--dtype bfloat16`` its forward runs under ``torch.autocast``."""
-    import torch
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+def hf_config(c, **kwargs):
+    """transformers' ``ViTMAEConfig`` of config ``c`` (norm-pix loss, mask 0.75)."""
+    from transformers import ViTMAEConfig
 
-    c = CONFIGS[args.config]
-    torch.manual_seed(0)
-    config = ViTMAEConfig(
+    return ViTMAEConfig(
         image_size=c["image"], patch_size=c["patch"], num_channels=3, hidden_size=c["width"], num_hidden_layers=c["depth"],
         num_attention_heads=c["heads"], intermediate_size=4 * c["width"], decoder_hidden_size=c["dec_width"],
         decoder_num_hidden_layers=c["dec_depth"], decoder_num_attention_heads=c["dec_heads"],
-        decoder_intermediate_size=4 * c["dec_width"], mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6,
+        decoder_intermediate_size=4 * c["dec_width"], mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6, **kwargs,
     )
-    model = ViTMAEForPreTraining(config).train()
+
+
+def reference_worker(args):
+    """transformers' ViTMAEForPreTraining in PyTorch, eager, same sizes, on
+    the GPU when PyTorch sees one; with ``--dtype bfloat16`` its forward runs
+    under ``torch.autocast``."""
+    import torch
+    from transformers import ViTMAEForPreTraining
+
+    c = config_for(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = ViTMAEForPreTraining(hf_config(c)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    x = torch.rand(c["batch"], 3, c["image"], c["image"])
+    x = torch.rand(c["batch"], 3, c["image"], c["image"], device=device)
     # bfloat16: the usual PyTorch mixed precision (float32 weights, autocast forward)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -255,33 +385,49 @@ def worker(args):
 
 
 def emit(args, method, times, batch, version):
+    device, device_mb = device_and_memory(args.backend)
+    rec = {
+        "config": args.config,
+        "method": method,
+        "backend": args.backend,
+        "jit": args.jit,
+        "dtype": args.dtype,
+        "batch": batch,
+        "device": device,
+        "flops_per_image": train_flops_per_image(config_for(args), method) if batch else None,
+        "peak_tflops": peak_tflops_for(device, args.dtype, args.peak_tflops),
+        "steps_timed": len(times),
+        "step_s": [round(t, 5) for t in times],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_device_mb": round(device_mb, 1) if device_mb is not None else None,
+        "version": version,
+    }
+    print(json.dumps(with_rates(rec, times)), flush=True)
+
+
+def with_rates(rec, times):
+    """``rec`` with what its step times give: the median step, images/s, the
+    achieved TFLOP/s of model FLOPs and, where the device's peak is known,
+    the model-FLOP utilisation ``mfu``."""
     median = statistics.median(times)
-    print(
-        json.dumps(
-            {
-                "config": args.config,
-                "method": method,
-                "backend": args.backend,
-                "jit": args.jit,
-                "dtype": args.dtype,
-                "batch": batch,
-                "median_step_s": round(median, 5),
-                "images_per_s": round(batch / median, 2) if batch else None,
-                "steps_timed": len(times),
-                "step_s": [round(t, 5) for t in times],
-                "peak_rss_mb": round(peak_rss_mb(), 1),
-                "version": version,
-            }
-        ),
-        flush=True,
-    )
+    rec = dict(rec, median_step_s=round(median, 5))
+    batch, flops, peak = rec.get("batch"), rec.get("flops_per_image"), rec.get("peak_tflops")
+    rec["images_per_s"] = round(batch / median, 2) if batch else None
+    tflops = flops * batch / median / 1e12 if batch and flops else None
+    rec["tflops"] = float(f"{tflops:.4g}") if tflops is not None else None
+    rec["mfu"] = float(f"{tflops / peak:.4g}") if tflops is not None and peak else None
+    return rec
 
 
-def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256):
+def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256, batch=None, peak_tflops=None):
     """Runs one worker process; returns its JSON records (one per method)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", config, "--methods", method,
            "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps),
            "--pipeline_images", str(pipeline_images)]
+    if batch:
+        cmd += ["--batch", str(batch)]
+    if peak_tflops:
+        cmd += ["--peak_tflops", str(peak_tflops)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if backend not in ("hf_torch", "pipeline"):
         env["KERAS_BACKEND"] = backend
@@ -306,6 +452,9 @@ def main():
                              "(and torch.optim.AdamW on the torch backend), on each backend")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every measurement this many times, alternating order; steps are pooled")
+    parser.add_argument("--batch", type=int, default=None, help="batch size in place of each config's (e.g. for a GPU)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -333,7 +482,7 @@ def main():
     records = []
     for r in range(args.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
-            for rec in spawn(*job, args.warmup, args.steps, args.pipeline_images):
+            for rec in spawn(*job, args.warmup, args.steps, args.pipeline_images, args.batch, args.peak_tflops):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
                 else:
@@ -347,22 +496,23 @@ def main():
 
 def pool(records, rounds):
     """One record per (config, method, backend, jit, dtype): the step times
-    of its ``rounds`` worker records pooled, the median and images/s taken
-    over all of them, the largest peak RSS."""
+    of its ``rounds`` worker records pooled, the median, images/s, TFLOP/s
+    and MFU taken over all of them, the largest peak RSS and device memory."""
     pooled = {}
     for rec in records:
         key = tuple(rec[k] for k in ("config", "method", "backend", "jit", "dtype"))
         if key in pooled:
             pooled[key]["step_s"] = pooled[key]["step_s"] + rec["step_s"]
-            pooled[key]["peak_rss_mb"] = max(pooled[key]["peak_rss_mb"], rec["peak_rss_mb"])
+            for mem in ("peak_rss_mb", "peak_device_mb"):
+                values = [v for v in (pooled[key].get(mem), rec.get(mem)) if v is not None]
+                pooled[key][mem] = max(values) if values else None
         else:
             pooled[key] = dict(rec)
     results = []
     for rec in pooled.values():
         steps = rec.pop("step_s")
-        median = statistics.median(steps)
-        rec.update(median_step_s=round(median, 5), images_per_s=round(rec["batch"] / median, 2) if rec["batch"] else None,
-                   steps_timed=len(steps), rounds=rounds)
+        rec = with_rates(rec, steps)
+        rec.update(steps_timed=len(steps), rounds=rounds)
         results.append(rec)
     return results
 
