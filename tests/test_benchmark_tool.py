@@ -151,3 +151,11 @@ def test_device_and_memory_reads_each_backends_gpu(monkeypatch):
     monkeypatch.setattr(tf.config.experimental, "get_memory_info", lambda d: {"current": 1, "peak": 2**20})
     assert benchmark.device_and_memory("tensorflow") == ("gpu: NVIDIA A100-SXM4-80GB", 1.0)
     assert benchmark.peak_tflops_for(benchmark.device_and_memory("tensorflow")[0], "bfloat16") == 312.0
+
+
+@pytest.mark.parametrize("flags, named", [(["--batch", "0"], "--batch"), (["--peak_tflops", "-1"], "--peak_tflops"),
+                                          (["--configs", "tiny32,huge"], "--configs: unknown huge")])
+def test_bad_flags_are_named(flags, named):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), *flags],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr

@@ -459,6 +459,13 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be a positive integer, got {args.batch}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
     if args.worker:
         args.config, args.method, args.backend = args.configs, args.methods, args.backends
         worker(args)
