@@ -26,6 +26,7 @@ from keras import ops
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm, run_blocks
 from keras_lcmae.ops import to_2tuple
+from keras_lcmae.optim import ReleasesGradients
 
 POOLS = ("cls", "avg")
 LINEAR_PROBE_HEAD_STD = 0.01
@@ -111,7 +112,7 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class ViTClassifier(keras.Model):
+class ViTClassifier(ReleasesGradients, keras.Model):
     """Image classifier on a :class:`ViTEncoder`: finetuning or linear probe.
 
     Returns logits ``(B, num_classes)``; compile with

@@ -26,6 +26,7 @@ from keras_lcmae.losses import (
 )
 from keras_lcmae.masking import informed_noise, num_hints, num_visible, random_masking
 from keras_lcmae.ops import patchify, take_tokens, unpatchify
+from keras_lcmae.optim import ReleasesGradients
 
 
 def _as_layer(obj, default_cls):
@@ -54,7 +55,7 @@ def unpack_inputs(inputs, noise=None):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class MAE(keras.Model):
+class MAE(ReleasesGradients, keras.Model):
     """Masked Autoencoder (He et al., 2022).
 
     The encoder sees only the visible patches; the decoder fills the removed

@@ -342,3 +342,36 @@ def test_benchmark_flops_match_the_executed_matmuls(method):
     finally:
         keras.config.set_dtype_policy(saved)
     assert counter.get_total_flops() == 3 * benchmark.forward_flops_per_image(c, method)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch keeps .grad tensors between steps")
+def test_previous_gradients_are_freed_before_the_forward():
+    """Keras' PyTorch train_step clears gradients only after the forward, so
+    the last step's would sit next to this step's activations; ours frees
+    them first (MAE, LC-MAE, AutoEncoder and ViTClassifier)."""
+    from keras_lcmae import LCMAE, AutoEncoder
+    from keras_lcmae.classifier import ViTClassifier
+
+    def encoder():
+        return ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=1, num_heads=2)
+
+    decoder = lambda: TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)  # noqa: E731
+    x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1, 0, 1])
+    for model, data in ((MAE(encoder(), decoder(), seed=0), (x,)), (LCMAE(encoder(), decoder(), seed=0), (x,)),
+                        (AutoEncoder(encoder(), decoder()), (x,)), (ViTClassifier(encoder(), num_classes=2), (x, labels))):
+        loss = None if len(data) == 1 else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss)
+        seen = []
+        call = model.call
+
+        def spy(*args, model=model, call=call, **kwargs):
+            seen.append(sum(v.value.grad is not None for v in model.trainable_variables))
+            return call(*args, **kwargs)
+
+        model.call = spy
+        model.train_on_batch(*data)
+        assert any(v.value.grad is not None for v in model.trainable_variables)  # Keras leaves them after a step
+        seen.clear()
+        model.train_on_batch(*data)
+        assert seen and not any(seen), (type(model).__name__, seen)
