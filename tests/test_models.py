@@ -355,7 +355,9 @@ def test_previous_gradients_are_freed_before_the_forward():
     def encoder():
         return ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=1, num_heads=2)
 
-    decoder = lambda: TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)  # noqa: E731
+    def decoder():
+        return TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)
+
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 0, 1])
     for model, data in ((MAE(encoder(), decoder(), seed=0), (x,)), (LCMAE(encoder(), decoder(), seed=0), (x,)),
