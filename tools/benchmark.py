@@ -30,6 +30,7 @@ LC-MAE/MAE step, MAE/AE step, pipeline/fastest model, ours/HF.
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -115,8 +116,6 @@ def peak_tflops_for(device, dtype, override=None):
     given; for bfloat16 on a GPU of :data:`GPU_PEAK_BF16_TFLOPS` its dense
     bf16 peak; otherwise None (float32 peaks depend on TF32 settings, and a
     CPU's on its vector units: pass ``--peak_tflops``)."""
-    import re
-
     if override:
         return float(override)
     if dtype != "bfloat16" or not device.startswith("gpu:"):
@@ -394,7 +393,7 @@ def emit(args, method, times, batch, version):
         "dtype": args.dtype,
         "batch": batch,
         "device": device,
-        "flops_per_image": train_flops_per_image(config_for(args), method) if batch else None,
+        "flops_per_image": train_flops_per_image(config_for(args), method),
         "peak_tflops": peak_tflops_for(device, args.dtype, args.peak_tflops),
         "steps_timed": len(times),
         "step_s": [round(t, 5) for t in times],
