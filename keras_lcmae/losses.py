@@ -79,10 +79,16 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss=True):
     return ops.sum(per_patch * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
-def _norms(x, axis=-1, eps=1e-12):
-    """``max(||x||, eps)``, as ``torch.nn.functional.normalize`` divides by: an
-    all-zero vector then has cosine 0 with anything."""
-    return ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis)), eps)
+def _inv_norms(x, axis=-1, eps=1e-12):
+    """``1 / max(||x||, eps)``, the factor ``torch.nn.functional.normalize``
+    divides by: an all-zero vector then has cosine 0 with anything.
+
+    Written as ``rsqrt(max(|x|^2, eps^2))`` and used as a factor, so the
+    gradient stays finite (zero) at an all-zero vector: ``max(sqrt(.), eps)``
+    gives ``0 * inf`` in the sqrt's derivative, and dividing by the product of
+    two clamped norms gives ``0 / 0`` in the quotient's derivative (its square,
+    1e-48, underflows in float32)."""
+    return ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=axis), eps * eps))
 
 
 def cross_view_loss(v1, v2, mask1, mask2):
@@ -113,7 +119,7 @@ def cross_view_loss(v1, v2, mask1, mask2):
     both = ops.cast(mask1, "float32") * ops.cast(mask2, "float32")
     # cos from the dot product and the two norms: no normalised copy of the
     # (B, N, d) tensors is made.
-    cos = ops.sum(v1 * v2, axis=-1) / (_norms(v1) * _norms(v2))
+    cos = ops.sum(v1 * v2, axis=-1) * (_inv_norms(v1) * _inv_norms(v2))
     return global_mean(ops.sum(both * (1.0 - cos)), ops.sum(both))
 
 
@@ -122,9 +128,9 @@ def cosine_matrix(x):
     Gram matrix and the norms (the ``(B, N, d)`` input is read twice, not
     normalised)."""
     x = ops.cast(x, "float32")
-    norms = _norms(x)
+    inv = _inv_norms(x)
     gram = ops.matmul(x, ops.transpose(x, (0, 2, 1)))
-    return gram / (norms[:, :, None] * norms[:, None, :])
+    return gram * (inv[:, :, None] * inv[:, None, :])
 
 
 def in_view_loss(v, x, mask):
@@ -175,14 +181,14 @@ def collapse_std(v, mask=None):
     v = ops.stop_gradient(ops.cast(v, "float32"))
     d = v.shape[-1]
     flat = ops.reshape(v, (-1, d))
-    norms = _norms(flat)
+    inv = _inv_norms(flat)
     if mask is None:
-        w = ops.ones_like(norms)
+        w = ops.ones_like(inv)
     else:
         w = ops.reshape(ops.cast(mask, "float32"), (-1,))
     count = ops.maximum(ops.sum(w), 1.0)
-    unit_sq = ops.sum(ops.square(flat), axis=-1) / ops.square(norms)  # 1, or 0 for a zero vector
-    mean_unit = ops.matmul((w / norms)[None, :], flat)[0] / count
+    unit_sq = ops.sum(ops.square(flat), axis=-1) * ops.square(inv)  # 1, or 0 for a zero vector
+    mean_unit = ops.matmul((w * inv)[None, :], flat)[0] / count
     total_var = ops.sum(w * unit_sq) / count - ops.sum(ops.square(mean_unit))
     return ops.sqrt(ops.maximum(total_var, 0.0) / d)
 
@@ -226,11 +232,11 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
             f = ops.concatenate([f, ops.ones_like(f[..., :1])], axis=-1)
         fa = ops.matmul(f, ops.matmul(w, ops.transpose(w)))  # f~ A
     sq = ops.maximum(ops.sum(fa * f, axis=-1), 0.0)  # |v|^2, (2B, M)
-    norms = ops.maximum(ops.sqrt(sq), 1e-12)
+    inv = ops.rsqrt(ops.maximum(sq, 1e-24))  # 1 / max(|v|, 1e-12), finite gradient at v = 0 (see _inv_norms)
 
     # L_in: every pair of listed tokens is a pair of masked positions.
     m = f.shape[1]
-    cos_v = ops.matmul(fa, ops.transpose(f, (0, 2, 1))) / (norms[:, :, None] * norms[:, None, :])
+    cos_v = ops.matmul(fa, ops.transpose(f, (0, 2, 1))) * (inv[:, :, None] * inv[:, None, :])
     off_diag = (1.0 - ops.eye(m, dtype="float32"))[None]
     diff = ops.abs(cos_v - cosine_matrix(x)) * off_diag
     batch2 = ops.shape(f)[0]
@@ -242,17 +248,17 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
     co_masked = ops.cast(rank2 >= 0, "float32")
     j = ops.maximum(rank2, 0)
     f2 = take_tokens(f[b:], j)
-    n2 = ops.take_along_axis(norms[b:], j, axis=1)
-    cos_x = ops.sum(fa[:b] * f2, axis=-1) / (norms[:b] * n2)
+    inv2 = ops.take_along_axis(inv[b:], j, axis=1)
+    cos_x = ops.sum(fa[:b] * f2, axis=-1) * (inv[:b] * inv2)
     # the co-masked count differs between replicas: normalise by the global one
     l_cross = global_mean(ops.sum(co_masked * (1.0 - cos_x)), ops.sum(co_masked))
 
     # v_std = sqrt((E|u|^2 - |E u|^2) / d), u = v/|v|, from the same inner products.
-    fs, fas, ns, sqs = (ops.stop_gradient(t) for t in (f, fa, norms, sq))
+    fs, fas, invs, sqs = (ops.stop_gradient(t) for t in (f, fa, inv, sq))
     count = ops.cast(batch2 * m, "float32")
-    mean_f = ops.sum(fs / ns[..., None], axis=(0, 1)) / count
-    mean_fa = ops.sum(fas / ns[..., None], axis=(0, 1)) / count
-    total_var = ops.sum(sqs / ops.square(ns)) / count - ops.sum(mean_f * mean_fa)
+    mean_f = ops.sum(fs * invs[..., None], axis=(0, 1)) / count
+    mean_fa = ops.sum(fas * invs[..., None], axis=(0, 1)) / count
+    total_var = ops.sum(sqs * ops.square(invs)) / count - ops.sum(mean_f * mean_fa)
     v_std = ops.sqrt(ops.maximum(total_var, 0.0) / d)
     return {"cross": l_cross, "in": l_in, "v_std": v_std}
 

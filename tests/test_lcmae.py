@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keras_lcmae import LCMAE, SETTINGS, TransformerDecoder, ViTEncoder
-from keras_lcmae.losses import collapse_std, cross_view_loss, in_view_loss
+from keras_lcmae.losses import collapse_std, contrastive_terms, cross_view_loss, in_view_loss
 from keras_lcmae.masking import random_masking
 from keras_lcmae.models import resolve_loss_weights
 from keras_lcmae.ops import patchify
@@ -108,6 +108,56 @@ def test_no_co_masked_position_is_finite():
     assert float(to_np(cross_view_loss(v, v + 1, m1, m2))) == 0.0
     one = np.array([[1, 0, 0, 0]], "float32")
     assert float(to_np(in_view_loss(v, v, one))) == 0.0
+
+
+class _Holder(keras.layers.Layer):
+    """Variables to differentiate the pure loss functions against."""
+
+    def __init__(self, arrays):
+        super().__init__()
+        self.vs = [self.add_weight(shape=a.shape, initializer=keras.initializers.Constant(a)) for a in arrays]
+
+
+def test_zero_projector_output_has_finite_gradients(rng):
+    # An all-zero v (zero features with the projector's zero initial bias) has
+    # cosine 0 with anything, as torch.nn.functional.normalize gives; its
+    # gradient must be finite too: max(sqrt(|v|^2), eps) gave 0 * inf = NaN.
+    b, n, k, d = 2, 6, 2, 5
+    v = rng.normal(size=(2 * b, n, d)).astype("float32")
+    v[0, 1] = 0.0
+    v[b, 1] = 0.0  # the same position in view 2, so the zero sits in L_cross too
+    x = rng.normal(size=(2 * b, n, 7)).astype("float32")
+    shuffle = np.stack([np.r_[0, 2, 1, 3, 4, 5]] * 2 + [rng.permutation(n)] * (2 * b - 2)).astype("int32")
+    shuffle[b] = np.r_[2, 1, 0, 3, 4, 5]  # position 1 masked in both views of image 0
+    restore = np.argsort(shuffle, axis=1).astype("int32")
+    ids_masked = shuffle[:, k:]
+    mask = (restore >= k).astype("float32")
+    feats = np.take_along_axis(v, ids_masked[..., None], axis=1)
+    xm = np.take_along_axis(x, ids_masked[..., None], axis=1)
+    kernel = rng.normal(size=(d, 8)).astype("float32")
+    holder = _Holder([v, feats, kernel])
+
+    def explicit():
+        vv = holder.vs[0]
+        return cross_view_loss(vv[:b], vv[b:], mask[:b], mask[b:]) + in_view_loss(vv, x, mask)
+
+    def narrow():  # features narrower than the projector: the inner-product path
+        t = contrastive_terms(holder.vs[1], xm, ids_masked, restore, k, holder.vs[2], np.zeros(8, "float32"))
+        return t["cross"] + t["in"]
+
+    def given_v():
+        t = contrastive_terms(holder.vs[1], xm, ids_masked, restore, k)
+        return t["cross"] + t["in"]
+
+    for fn in (explicit, narrow, given_v):
+        assert np.isfinite(float(to_np(fn()))), fn.__name__
+        grads = [g for g in gradients(holder, fn) if g is not None]
+        assert grads and all(np.isfinite(g).all() for g in grads), fn.__name__
+    # value: the zero vector has cosine 0 (torch.nn.functional.normalize semantics)
+    u = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    both = mask[:b] * mask[b:]
+    ref_cross = (both * (1 - (u[:b] * u[b:]).sum(-1))).sum() / both.sum()
+    np.testing.assert_allclose(float(to_np(cross_view_loss(v[:b], v[b:], mask[:b], mask[b:]))), ref_cross, rtol=1e-5)
 
 
 def test_shape_errors_are_named(rng):
