@@ -1,3 +1,4 @@
+import argparse
 import os
 import subprocess
 import sys
@@ -128,7 +129,18 @@ def test_tool_converts_npz_and_pth(tmp_path, rng):
     npz = os.path.join(tmp_path, "ckpt.npz")
     np.savez(npz, **state)
     pth = os.path.join(tmp_path, "ckpt.pth")
-    torch.save({"model": {k: torch.tensor(v) for k, v in state.items()}, "epoch": 3}, pth)
+    # laid out as the official main_pretrain.py saves: model, optimizer state,
+    # epoch, loss-scaler state and the run's argparse.Namespace
+    params = {k: torch.tensor(v) for k, v in state.items()}
+    weight = torch.nn.Parameter(params["cls_token"].clone())
+    adam = torch.optim.AdamW([weight])
+    weight.sum().backward()
+    adam.step()  # the state then holds step counts and moment tensors, as a real run's
+    run_args = argparse.Namespace(batch_size=64, model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True)
+    torch.save(
+        {"model": params, "optimizer": adam.state_dict(), "epoch": 3, "scaler": {"scale": 65536.0}, "args": run_args},
+        pth,
+    )
     x = rng.random((2, 32, 32, 3)).astype("float32")
     noise = rng.random((2, 16)).astype("float32")
     for src in (npz, pth):

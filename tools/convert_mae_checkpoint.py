@@ -6,12 +6,14 @@
 
 ``--encoder_only`` writes just the ViTEncoder (for pretraining checkpoints
 without a decoder and for finetuned ones). A ``.pth`` is read with
-``torch.load(weights_only=True)``, an ``.npz`` with ``allow_pickle=False``:
+``torch.load(weights_only=True)`` (the ``argparse.Namespace`` of the
+official training scripts' ``args`` entry is the one class allowed), an ``.npz`` with ``allow_pickle=False``:
 a checkpoint never runs code on load. The architecture is read off the
 tensor shapes; head counts cannot be, so they are flags (defaults: the
 standard ViT sizes by width, 16 decoder heads).
 """
 
+import argparse
 import os
 import sys
 
@@ -46,7 +48,10 @@ def read_state_dict(path):
         except ImportError as e:
             raise ValueError("--input: reading a .pth needs torch (pip install torch); or convert it to .npz.") from e
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            # official main_pretrain/main_finetune checkpoints also hold the run's
+            # ``args`` (an argparse.Namespace): allowed by name, nothing else is
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds
             raise ValueError(
                 f"--input: {path!r} could not be read as a weights-only checkpoint "
