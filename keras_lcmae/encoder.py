@@ -17,14 +17,15 @@ from keras_lcmae.layers import (
 from keras_lcmae.ops import grid_shape, to_2tuple
 
 # Widths, depths and heads of the standard ViTs (Dosovitskiy et al.; DeiT for
-# tiny/small). `vit_test` is a toy size for unit tests and CPU demos.
+# tiny/small). Patches are 16 px unless a preset says otherwise: ViT-H uses 14,
+# as official MAE's ViT-H/14. `vit_test` is a toy size for unit tests and CPU demos.
 PRESETS = {
     "vit_test": dict(hidden_dim=32, depth=2, num_heads=2, image_size=32, patch_size=8),
     "vit_tiny": dict(hidden_dim=192, depth=12, num_heads=3),
     "vit_small": dict(hidden_dim=384, depth=12, num_heads=6),
     "vit_base": dict(hidden_dim=768, depth=12, num_heads=12),
     "vit_large": dict(hidden_dim=1024, depth=24, num_heads=16),
-    "vit_huge": dict(hidden_dim=1280, depth=32, num_heads=16),
+    "vit_huge": dict(hidden_dim=1280, depth=32, num_heads=16, patch_size=14),
 }
 
 

@@ -16,7 +16,7 @@ FLAGS = flags.FLAGS
 def define_common_flags(defaults):
     """Flags both evaluation recipes take; ``defaults`` overrides values."""
     d = dict(
-        data="fashion_mnist", encoder="random", model="vit_base", image_size=224, patch_size=16,
+        data="fashion_mnist", encoder="random", model="vit_base", image_size=224, patch_size=None,
         batch_size=256, epochs=10, blr=1e-3, warmup_epochs=1, weight_decay=0.0, pool="cls",
         output_dir="runs/eval",
     )
@@ -31,7 +31,8 @@ def define_common_flags(defaults):
     flags.DEFINE_integer("depth", None, "Override the preset's depth (--encoder=random).")
     flags.DEFINE_integer("num_heads", None, "Override the preset's heads (--encoder=random).")
     flags.DEFINE_integer("image_size", d["image_size"], "Input side in pixels (must match the encoder).")
-    flags.DEFINE_integer("patch_size", d["patch_size"], "Patch side (--encoder=random; checked against a file).")
+    flags.DEFINE_integer("patch_size", d["patch_size"], "Patch side for --encoder=random (default: the --model "
+                         "preset's: 14 for vit_huge, else 16).")
     flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).")
     flags.DEFINE_integer("num_classes", None, "Classes of the head (default: read from the data; checked against it).")
     flags.DEFINE_enum("pool", d["pool"], ["cls", "avg"], "Features: the [CLS] token or the mean patch token.")

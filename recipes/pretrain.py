@@ -25,7 +25,8 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
 flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
-flags.DEFINE_integer("patch_size", 16, "Patch side in pixels.")
+flags.DEFINE_integer("patch_size", None, "Patch side in pixels (default: the --model preset's: 14 for vit_huge, "
+                     "as official MAE's ViT-H/14, else 16).")
 flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).")
 flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge.")
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.")
@@ -249,9 +250,16 @@ def validate_decoder_flags():
 
 def validate_flags():
     """Fails before any work with a message naming the flag."""
+    from keras_lcmae.encoder import PRESETS
     from keras_lcmae.masking import num_visible
     from keras_lcmae.ops import grid_shape
 
+    if FLAGS.model not in PRESETS:
+        raise app.UsageError(f"--model: unknown preset {FLAGS.model!r}; choose one of {sorted(PRESETS)}.")
+    if FLAGS.patch_size is None:
+        FLAGS.patch_size = PRESETS[FLAGS.model].get("patch_size", 16)
+    if FLAGS.patch_size < 1:
+        raise app.UsageError(f"--patch_size must be >= 1, got {FLAGS.patch_size}.")
     try:
         grid = grid_shape(FLAGS.image_size, FLAGS.patch_size)
     except ValueError as e:
@@ -260,10 +268,6 @@ def validate_flags():
         num_visible(grid[0] * grid[1], FLAGS.mask_ratio)
     except ValueError as e:
         raise app.UsageError(f"--mask_ratio: {e}") from None
-    from keras_lcmae.encoder import PRESETS
-
-    if FLAGS.model not in PRESETS:
-        raise app.UsageError(f"--model: unknown preset {FLAGS.model!r}; choose one of {sorted(PRESETS)}.")
     validate_decoder_flags()
     if FLAGS.method == "lcmae" and FLAGS.setting.strip("()").lower() not in "abcdefg":
         raise app.UsageError(f"--setting: unknown LC-MAE setting {FLAGS.setting!r}; choose a-g.")
@@ -328,7 +332,7 @@ def main(argv):
     warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
     schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
     derived = dict(
-        lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n,
+        lr=lr, patch_size=FLAGS.patch_size, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n,
         replicas=dist.num_replicas, per_replica_batch=FLAGS.batch_size // dist.num_replicas,
     )
     print(json.dumps({"derived": derived}), flush=True)

@@ -286,6 +286,9 @@ def test_presets_have_the_standard_sizes():
 
         kw = preset_kwargs(name)
         assert (kw["hidden_dim"], kw["depth"], kw["num_heads"]) == (width, depth, heads)
+        # official MAE: ViT-B/16, ViT-L/16, ViT-H/14
+        assert kw.get("patch_size", 16) == (14 if name == "vit_huge" else 16)
+    assert ViTEncoder(**preset_kwargs("vit_huge", depth=1)).grid_size == (16, 16)  # 224 px / 14
     assert ViTEncoder.from_preset("vit_test", patch_size=4).num_patches == 64
 
 

@@ -117,6 +117,17 @@ def test_configs_build(config, tmp_path):
     assert info["lr"] == pytest.approx(float(flags["blr"]) * batch / 256)
 
 
+def test_patch_size_defaults_to_the_presets(tmp_path):
+    """Without --patch_size the --model preset decides (vit_test: 8; ViT-H: 14
+    as official MAE's ViT-H/14; the others 16)."""
+    flags = [f for f in TINY if not f.startswith("--patch_size")]
+    result = run(*flags, "--dry_run", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["patch_size"] == 8
+    result = run(*flags, "--patch_size=4", "--dry_run", f"--output_dir={tmp_path}")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["patch_size"] == 4
+
+
 def _backup_step(folder, steps_per_epoch):
     meta = os.path.join(folder, "training_metadata.json")
     try:
