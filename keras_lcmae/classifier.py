@@ -7,6 +7,10 @@ the official MAE ``main_finetune.py`` / ``main_linprobe.py`` build them.
   the official finetuning with global pooling, whose model has no final norm.
   An encoder built with ``final_norm=True`` keeps its norm's weights, frozen
   and unused.
+* finetuning (``linear_probe=False``) trains every encoder weight, the
+  position table included (the official model, timm's ViT, learns it from
+  the pretrained values; pretraining keeps it fixed): the classifier holds a
+  copy of the given encoder with ``pos_embed_trainable=True``.
 * ``linear_probe=True``: the encoder is frozen (``trainable=False``) and runs
   in inference mode; the head is BatchNorm without affine (eps 1e-6, torch's
   default momentum 0.1, i.e. Keras ``momentum=0.9``) then the linear layer.
@@ -25,7 +29,7 @@ from keras import ops
 
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm, run_blocks
-from keras_lcmae.ops import to_2tuple
+from keras_lcmae.ops import resize_pos_embed, to_2tuple
 from keras_lcmae.optim import ReleasesGradients
 
 POOLS = ("cls", "avg")
@@ -72,13 +76,35 @@ def _set_trainable(layer, value):
     keras.layers.Layer.trainable.fset(layer, value)
 
 
-def _with_drop_path(encoder, drop_path_rate):
-    """The same encoder (same weights) with another stochastic-depth rate."""
-    if drop_path_rate is None or float(drop_path_rate) == encoder.drop_path_rate:
+def rebuild_encoder(encoder, image_size=None, drop_path_rate=None, pos_embed_trainable=None):
+    """The same encoder (same weights) built with another input size,
+    stochastic-depth rate or trainability of the position table; ``encoder``
+    itself when nothing changes.
+
+    A new ``image_size`` (same patch size) resamples the position table to
+    the new grid as official MAE's finetuning does (bicubic, ``[CLS]`` row
+    kept; :func:`keras_lcmae.ops.resize_pos_embed`).
+
+    Example:
+    >>> big = rebuild_encoder(ViTEncoder.from_preset("vit_test"), image_size=48)
+    >>> big.grid_size
+    (6, 6)
+    """
+    changes = {}
+    if image_size is not None and to_2tuple(image_size, "image_size") != tuple(encoder.image_size):
+        changes["image_size"] = to_2tuple(image_size, "image_size")
+    if drop_path_rate is not None and float(drop_path_rate) != encoder.drop_path_rate:
+        changes["drop_path_rate"] = float(drop_path_rate)
+    if pos_embed_trainable is not None and bool(pos_embed_trainable) != encoder.pos_embed_trainable:
+        changes["pos_embed_trainable"] = bool(pos_embed_trainable)
+    if not changes:
         return encoder
-    config = dict(encoder.get_config(), drop_path_rate=float(drop_path_rate))
-    copy = ViTEncoder.from_config(config)
-    copy.set_weights(encoder.get_weights())
+    copy = ViTEncoder.from_config(dict(encoder.get_config(), **changes))
+    for old, new in zip(encoder.weights, copy.weights):
+        value = keras.ops.convert_to_numpy(old.value)
+        if old is encoder.pos_embed:
+            value = resize_pos_embed(value, encoder.grid_size, copy.grid_size)
+        new.assign(value)
     return copy
 
 
@@ -87,8 +113,10 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
     ``encoder.keras`` written by ``recipes/pretrain.py``, or a whole
     MAE/LC-MAE model file, whose ``.encoder`` is taken).
 
-    ``image_size``, ``patch_size`` and ``num_channels``, when given, must
-    match the checkpoint (a ``ValueError`` says which differ);
+    ``patch_size`` and ``num_channels``, when given, must match the
+    checkpoint (a ``ValueError`` says which differ); another ``image_size``
+    (a multiple of the patch size) resamples the position table to the new
+    grid, as official MAE's finetuning (:func:`rebuild_encoder`);
     ``drop_path_rate`` replaces the pretraining rate (0.1 for ViT-B
     finetuning).
 
@@ -107,8 +135,17 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
             f"`.encoder`); pass the encoder.keras written by recipes/pretrain.py."
         )
     found = dict(image_size=encoder.image_size, patch_size=encoder.patch_size, num_channels=encoder.num_channels)
-    _check_geometry(found, image_size, patch_size, num_channels, repr(path))
-    return _with_drop_path(encoder, drop_path_rate)
+    _check_geometry(found, None, patch_size, num_channels, repr(path))
+    return _rebuild_checked(encoder, image_size, drop_path_rate, repr(path))
+
+
+def _rebuild_checked(encoder, image_size, drop_path_rate, source):
+    """:func:`rebuild_encoder` with an error naming ``source`` when the new
+    image size does not fit the patch size."""
+    try:
+        return rebuild_encoder(encoder, image_size=image_size, drop_path_rate=drop_path_rate)
+    except ValueError as e:
+        raise ValueError(f"{source}: cannot resize its encoder to image_size={image_size}: {e}") from None
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
@@ -119,8 +156,9 @@ class ViTClassifier(ReleasesGradients, keras.Model):
     ``SparseCategoricalCrossentropy(from_logits=True)``.
 
     Args:
-        encoder: a :class:`ViTEncoder` (pretrained). It becomes part of this
-            model; ``linear_probe=True`` freezes it.
+        encoder: a :class:`ViTEncoder` (pretrained). The probe uses it as
+            given and freezes it; finetuning uses a copy (same weights) whose
+            position table trains (``model.encoder``; see :func:`rebuild_encoder`).
         num_classes: integer >= 2.
         pool: ``"cls"`` (``[CLS]`` after the encoder's final norm; the
             official linear probe) or ``"avg"`` (mean patch token, then
@@ -149,6 +187,8 @@ class ViTClassifier(ReleasesGradients, keras.Model):
         _check_pool(pool)
         if not 0.0 <= float(head_dropout) < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {head_dropout!r}.")
+        if not linear_probe:  # the official finetuning learns the position table too
+            encoder = rebuild_encoder(encoder, pos_embed_trainable=True)
         self.encoder = encoder
         self.num_classes = int(num_classes)
         self.pool = pool
@@ -266,12 +306,13 @@ class ViTClassifier(ReleasesGradients, keras.Model):
             raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
         state = dict(state_dict)
         found = encoder_kwargs_from_state_dict(state, num_heads)
-        _check_geometry(found, image_size, patch_size, num_channels, "The state dict")
+        _check_geometry(found, None, patch_size, num_channels, "The state dict")
         if pool == "avg":
             state.pop("norm.weight", None)
             state.pop("norm.bias", None)
         overrides = {} if drop_path_rate is None else {"drop_path_rate": float(drop_path_rate)}
         encoder = encoder_from_official_state_dict(state, num_heads, **overrides)
+        encoder = _rebuild_checked(encoder, image_size, None, "The state dict")
         model = cls(encoder, num_classes, pool=pool, **kwargs)
         d = encoder.hidden_dim
         head_w, head_b = state.get("head.weight"), state.get("head.bias")

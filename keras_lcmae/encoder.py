@@ -79,6 +79,10 @@ class ViTEncoder(keras.Model):
         layer_norm_epsilon: 1e-6 as the official models.
         final_norm: apply the last LayerNorm (official finetuned checkpoints
             with global pooling have none: their ``fc_norm`` is the head's).
+        pos_embed_trainable: train the position table. Off for pretraining
+            (MAE's table is fixed); :class:`~keras_lcmae.ViTClassifier` turns
+            it on for finetuning, where the official model (timm's ViT)
+            learns it, starting from the pretrained table.
 
     Example:
     >>> encoder = ViTEncoder.from_preset("vit_test")
@@ -99,6 +103,7 @@ class ViTEncoder(keras.Model):
         drop_path_rate=0.0,
         layer_norm_epsilon=LAYER_NORM_EPSILON,
         final_norm=True,
+        pos_embed_trainable=False,
         **kwargs,
     ):
         kwargs.setdefault("name", "vit_encoder")
@@ -125,6 +130,7 @@ class ViTEncoder(keras.Model):
         self.drop_path_rate = float(drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.final_norm = bool(final_norm)
+        self.pos_embed_trainable = bool(pos_embed_trainable)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.patch_dim = self.patch_size * self.patch_size * self.num_channels
 
@@ -150,7 +156,7 @@ class ViTEncoder(keras.Model):
             return
         d = self.hidden_dim
         self.cls_token = add_token(self, "cls_token", d)
-        self.pos_embed = add_sincos_table(self, "pos_embed", d, self.grid_size)
+        self.pos_embed = add_sincos_table(self, "pos_embed", d, self.grid_size, trainable=self.pos_embed_trainable)
         self.patch_embed.build((None, *self.image_size, self.num_channels))
         for block in self.blocks:
             block.build((None, None, d))
@@ -203,5 +209,6 @@ class ViTEncoder(keras.Model):
             drop_path_rate=self.drop_path_rate,
             layer_norm_epsilon=self.layer_norm_epsilon,
             final_norm=self.final_norm,
+            pos_embed_trainable=self.pos_embed_trainable,
         )
         return config

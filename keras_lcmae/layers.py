@@ -329,12 +329,13 @@ def add_token(layer, name, dim):
     )
 
 
-def add_sincos_table(layer, name, dim, grid_size):
-    """A fixed (non-trainable) ``(1, 1 + rows*cols, dim)`` 2-D sin-cos table
-    with the zero ``[CLS]`` row; a loaded checkpoint overwrites it."""
+def add_sincos_table(layer, name, dim, grid_size, trainable=False):
+    """A ``(1, 1 + rows*cols, dim)`` 2-D sin-cos table with the zero ``[CLS]``
+    row, fixed (non-trainable) unless ``trainable``; a loaded checkpoint
+    overwrites it."""
     from keras_lcmae.ops import get_2d_sincos_pos_embed  # noqa: PLC0415
 
     rows, cols = grid_size
-    table = layer.add_weight(shape=(1, rows * cols + 1, dim), initializer="zeros", trainable=False, name=name)
+    table = layer.add_weight(shape=(1, rows * cols + 1, dim), initializer="zeros", trainable=bool(trainable), name=name)
     table.assign(get_2d_sincos_pos_embed(dim, grid_size, cls_token=True)[None])
     return table

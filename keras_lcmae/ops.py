@@ -154,6 +154,64 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     return emb.astype("float32")
 
 
+def _bicubic_weights(n_in, n_out, a=-0.75):
+    """``(n_out, n_in)`` matrix of 1-D bicubic resampling as
+    ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)``:
+    source coordinate ``(i + 0.5) * n_in / n_out - 0.5``, Keys' cubic with
+    ``a = -0.75``, taps outside the input clamped to its border, no
+    antialiasing."""
+    w = np.zeros((n_out, n_in), np.float64)
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    taps = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    for k, coeff in enumerate(taps):
+        idx = np.clip(base.astype(np.int64) - 1 + k, 0, n_in - 1)
+        np.add.at(w, (np.arange(n_out), idx), coeff)
+    return w
+
+
+def resize_pos_embed(table, old_grid, new_grid, num_extra_tokens=1):
+    """Resamples a position table to another patch grid, as official MAE's
+    finetuning does when the resolution changes: the leading
+    ``num_extra_tokens`` rows (``[CLS]``) are kept and the grid part is
+    resized bicubically (PyTorch's ``interpolate(mode="bicubic",
+    align_corners=False)``) as a ``(rows, cols)`` image per channel.
+
+    Args:
+        table: ``(1, extra + rows*cols, D)`` or ``(extra + rows*cols, D)``.
+        old_grid, new_grid: ``(rows, cols)`` (or an int for a square grid).
+
+    Returns:
+        float32 numpy array with the input's rank, ``extra + new rows*cols`` rows.
+
+    Example:
+    >>> resize_pos_embed(get_2d_sincos_pos_embed(16, 4, cls_token=True), 4, 6).shape
+    (37, 16)
+    """
+    table = np.asarray(table, np.float64)
+    batched = table.ndim == 3
+    t = table[0] if batched else table
+    (oh, ow), (nh, nw) = to_2tuple(old_grid, "old_grid"), to_2tuple(new_grid, "new_grid")
+    if t.ndim != 2 or t.shape[0] != num_extra_tokens + oh * ow:
+        raise ValueError(
+            f"A position table of shape {tuple(table.shape)} does not hold {num_extra_tokens} extra rows plus a "
+            f"{oh}x{ow} grid."
+        )
+    extra, grid = t[:num_extra_tokens], t[num_extra_tokens:].reshape(oh, ow, -1)
+    if (oh, ow) != (nh, nw):
+        grid = np.einsum("ri,ijd,cj->rcd", _bicubic_weights(oh, nh), grid, _bicubic_weights(ow, nw))
+    out = np.concatenate([extra, grid.reshape(nh * nw, -1)], axis=0).astype("float32")
+    return out[None] if batched else out
+
+
 def take_tokens(x, ids):
     """Gathers tokens along axis 1: ``x (B, N, D)``, ``ids (B, K)`` -> ``(B, K, D)``.
 

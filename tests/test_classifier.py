@@ -8,6 +8,7 @@ import pytest
 
 from keras_lcmae import MAE, TransformerDecoder, ViTClassifier, ViTEncoder, load_encoder
 from keras_lcmae.convert import export_official_state_dict
+from keras_lcmae.ops import resize_pos_embed
 from keras_lcmae.optim import LARS, finetune_adamw
 from tests.helpers import assert_config_mirrors_init, to_np
 
@@ -106,7 +107,9 @@ def test_linear_probe_trains_only_the_head(images):
 def test_finetune_step_updates_the_encoder(images):
     model = ViTClassifier(tiny_encoder(drop_path_rate=0.1), num_classes=3, pool="avg")
     model.compile(optimizer=finetune_adamw(model, 1e-3, layer_decay=0.65), loss=LOSS)
-    watched = [model.encoder.patch_embed.proj.kernel, model.encoder.blocks[0].attn.qkv.kernel, model.encoder.cls_token, model.head.kernel]
+    # the position table trains too (official finetuning: timm's learnable pos_embed)
+    watched = [model.encoder.patch_embed.proj.kernel, model.encoder.blocks[0].attn.qkv.kernel, model.encoder.cls_token,
+               model.encoder.pos_embed, model.head.kernel]
     before = [to_np(v).copy() for v in watched]
     model.fit(images, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
     for b, v in zip(before, watched):
@@ -120,8 +123,16 @@ def test_from_encoder_file(tmp_path, images):
     model = ViTClassifier.from_encoder_file(path, 10, image_size=32, patch_size=8, num_channels=3, drop_path_rate=0.1)
     assert model.encoder.drop_path_rate == 0.1 and model.num_classes == 10
     np.testing.assert_allclose(to_np(model.forward_features(images)), to_np(encoder(images))[:, 0], atol=1e-6)
-    with pytest.raises(ValueError, match=r"image_size=\(32, 32\) \(asked for \(64, 64\)\)"):
-        ViTClassifier.from_encoder_file(path, 10, image_size=64)
+    # another resolution: the position table is resampled to the new grid (official finetuning)
+    bigger = ViTClassifier.from_encoder_file(path, 10, image_size=(48, 64))
+    assert bigger.encoder.grid_size == (6, 8) and bigger.encoder.image_size == (48, 64)
+    np.testing.assert_allclose(
+        to_np(bigger.encoder.pos_embed), resize_pos_embed(to_np(encoder.pos_embed), (4, 4), (6, 8)), atol=1e-6
+    )
+    np.testing.assert_array_equal(to_np(bigger.encoder.blocks[0].attn.qkv.kernel), to_np(encoder.blocks[0].attn.qkv.kernel))
+    assert tuple(bigger(np.zeros((2, 48, 64, 3), "float32")).shape) == (2, 10)
+    with pytest.raises(ValueError, match=r"image_size=36"):
+        ViTClassifier.from_encoder_file(path, 10, image_size=36)  # not a multiple of the 8-px patches
     with pytest.raises(ValueError, match=r"patch_size=8 \(asked for 16\)"):
         ViTClassifier.from_encoder_file(path, 10, patch_size=16)
     with pytest.raises(ValueError, match=r"num_channels=3 \(asked for 1\)"):
@@ -170,8 +181,8 @@ def test_from_official_state_dict(images, rng):
     np.testing.assert_array_equal(to_np(loaded.fc_norm.gamma), finetuned["fc_norm.weight"])
     fresh = ViTClassifier.from_official_state_dict(finetuned, 7, num_heads=2, pool="avg")
     assert np.abs(to_np(fresh.head.kernel)).max() < 1e-3  # other classes: a new head (std 2e-5)
-    with pytest.raises(ValueError, match=r"image_size=\(32, 32\) \(asked for \(224, 224\)\)"):
-        ViTClassifier.from_official_state_dict(state, 4, num_heads=2, image_size=224)
+    resized = ViTClassifier.from_official_state_dict(state, 4, num_heads=2, image_size=64)
+    np.testing.assert_allclose(to_np(resized.encoder.pos_embed), resize_pos_embed(state["pos_embed"], 4, 8), atol=1e-6)
     with pytest.raises(ValueError, match=r"num_channels=3 \(asked for 1\)"):
         ViTClassifier.from_official_state_dict(state, 4, num_heads=2, num_channels=1)
     with pytest.raises(ValueError, match="mapping"):
@@ -193,3 +204,24 @@ def test_bad_input():
     model = ViTClassifier(tiny_encoder(), num_classes=3)
     with pytest.raises(ValueError, match="32x32 images"):
         model(np.zeros((1, 64, 64, 3), "float32"))
+
+
+def test_finetuning_trains_a_copy_of_the_position_table(tmp_path, images):
+    """Finetuning learns the position table (official: timm's learnable
+    pos_embed starts from the checkpoint's); pretraining and the probe keep it
+    fixed. The classifier holds a trainable copy, so the encoder given to it is
+    left as it was, and the setting survives saving."""
+    encoder = tiny_encoder()
+    assert not any(v is encoder.pos_embed for v in encoder.trainable_variables)
+    model = ViTClassifier(encoder, num_classes=3, pool="avg")
+    assert model.encoder.pos_embed_trainable and any(v is model.encoder.pos_embed for v in model.trainable_variables)
+    assert not encoder.pos_embed_trainable
+    for a, b in zip(encoder.weights, model.encoder.weights):
+        np.testing.assert_array_equal(to_np(a), to_np(b), err_msg=a.path)
+    probe = ViTClassifier(encoder, num_classes=3, linear_probe=True)
+    assert probe.encoder is encoder and not probe.trainable_variables[0] is encoder.pos_embed
+    path = os.path.join(tmp_path, "ft.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.encoder.pos_embed_trainable
+    assert [v.path for v in loaded.trainable_variables] == [v.path for v in model.trainable_variables]

@@ -95,8 +95,8 @@ def test_bad_input_is_a_clear_error(script, case, encoder_file, unlabelled_folde
         keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(other)
         flags += [f"--encoder={other}"]
         expected = "not a ViTEncoder"
-    elif case == "other_geometry":  # encoder made for 32-px images, asked for 64
-        flags += [f"--encoder={encoder_file}", "--image_size=64"]
+    elif case == "other_geometry":  # encoder with 8-px patches, asked for 36-px images
+        flags += [f"--encoder={encoder_file}", "--image_size=36"]
         expected = "image_size"
     elif case == "num_classes":
         flags += [f"--encoder={encoder_file}", "--num_classes=5"]

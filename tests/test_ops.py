@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from keras_lcmae.ops import get_2d_sincos_pos_embed, grid_shape, patchify, unpatchify
+from keras_lcmae.ops import get_2d_sincos_pos_embed, grid_shape, patchify, resize_pos_embed, unpatchify
 from tests.helpers import to_np
 
 
@@ -89,3 +89,21 @@ def test_sincos_matches_transformers_layout():
 def test_sincos_rejects_bad_width():
     with pytest.raises(ValueError, match="divisible by 4"):
         get_2d_sincos_pos_embed(30, 4)
+
+
+@pytest.mark.parametrize("old,new", [((4, 4), (6, 6)), ((14, 14), (16, 16)), ((7, 5), (3, 8)), ((4, 4), (4, 4))])
+def test_resize_pos_embed_is_torch_bicubic(rng, old, new):
+    """The official finetuning resamples the table with
+    ``F.interpolate(mode="bicubic", align_corners=False)``, ``[CLS]`` kept."""
+    torch = pytest.importorskip("torch")
+    d = 8
+    table = rng.normal(size=(1, 1 + old[0] * old[1], d)).astype("float32")
+    grid = torch.tensor(table[0, 1:]).reshape(1, *old, d).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid.double(), size=new, mode="bicubic", align_corners=False)
+    want = want.permute(0, 2, 3, 1).reshape(-1, d).numpy()
+    got = resize_pos_embed(table, old, new)
+    assert got.shape == (1, 1 + new[0] * new[1], d) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0, 0], table[0, 0])
+    np.testing.assert_allclose(got[0, 1:], want, atol=1e-5)
+    with pytest.raises(ValueError, match="does not hold 1 extra rows plus a 3x3 grid"):
+        resize_pos_embed(table, 3, 5)

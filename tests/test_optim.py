@@ -103,8 +103,9 @@ def test_layer_decay_adamw_steps_match_numpy(rng):
     variables = model.trainable_variables
     params = {v.path: to_np(v).copy() for v in variables}
     scales = {v.path: 0.5 ** (3 - hand_layer_id(v.path, 2)) for v in variables}
-    # Official no-decay list: 1-D parameters and the [CLS] token (pos_embed is fixed here).
-    decays = {v.path: len(v.shape) > 1 and not v.path.endswith("cls_token") for v in variables}
+    # Official no-decay list: 1-D parameters, the [CLS] token and the position table (trained when finetuning).
+    assert "vit_encoder/pos_embed" in params
+    decays = {v.path: len(v.shape) > 1 and not v.path.endswith(("cls_token", "pos_embed")) for v in variables}
     steps = [{k: rng.normal(size=p.shape).astype("float32") for k, p in params.items()} for _ in range(2)]
     for grads in steps:
         opt.apply([keras.ops.convert_to_tensor(grads[v.path]) for v in variables], variables)
