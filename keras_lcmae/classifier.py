@@ -47,18 +47,15 @@ def _check_pool(pool):
         raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
 
 
-def _check_geometry(found, image_size, patch_size, num_channels, source):
-    """Compares an encoder's (or checkpoint's) geometry with what the caller asks for."""
+def _check_geometry(found, patch_size, num_channels, source):
+    """Compares an encoder's (or checkpoint's) patch size and channels with
+    what the caller asks for (another image size is resampled instead, see
+    :func:`rebuild_encoder`)."""
     asked = dict(
-        image_size=None if image_size is None else to_2tuple(image_size, "image_size"),
         patch_size=None if patch_size is None else int(patch_size),
         num_channels=None if num_channels is None else int(num_channels),
     )
-    have = dict(
-        image_size=to_2tuple(found["image_size"]),
-        patch_size=int(found["patch_size"]),
-        num_channels=int(found["num_channels"]),
-    )
+    have = dict(patch_size=int(found["patch_size"]), num_channels=int(found["num_channels"]))
     wrong = [f"{k}={have[k]} (asked for {v})" for k, v in asked.items() if v is not None and v != have[k]]
     if wrong:
         raise ValueError(
@@ -134,8 +131,8 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
             f"{path!r} holds a {type(loaded).__name__}, not a ViTEncoder (nor a model with one as "
             f"`.encoder`); pass the encoder.keras written by recipes/pretrain.py."
         )
-    found = dict(image_size=encoder.image_size, patch_size=encoder.patch_size, num_channels=encoder.num_channels)
-    _check_geometry(found, None, patch_size, num_channels, repr(path))
+    found = dict(patch_size=encoder.patch_size, num_channels=encoder.num_channels)
+    _check_geometry(found, patch_size, num_channels, repr(path))
     return _rebuild_checked(encoder, image_size, drop_path_rate, repr(path))
 
 
@@ -306,7 +303,7 @@ class ViTClassifier(ReleasesGradients, keras.Model):
             raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
         state = dict(state_dict)
         found = encoder_kwargs_from_state_dict(state, num_heads)
-        _check_geometry(found, None, patch_size, num_channels, "The state dict")
+        _check_geometry(found, patch_size, num_channels, "The state dict")
         if pool == "avg":
             state.pop("norm.weight", None)
             state.pop("norm.bias", None)

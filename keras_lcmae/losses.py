@@ -88,7 +88,12 @@ def _inv_norms(x, axis=-1, eps=1e-12):
     gives ``0 * inf`` in the sqrt's derivative, and dividing by the product of
     two clamped norms gives ``0 / 0`` in the quotient's derivative (its square,
     1e-48, underflows in float32)."""
-    return ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=axis), eps * eps))
+    return _inv_norms_of_squares(ops.sum(ops.square(x), axis=axis), eps)
+
+
+def _inv_norms_of_squares(sq, eps=1e-12):
+    """:func:`_inv_norms` from the squared norms ``sq``."""
+    return ops.rsqrt(ops.maximum(sq, eps * eps))
 
 
 def cross_view_loss(v1, v2, mask1, mask2):
@@ -232,7 +237,7 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
             f = ops.concatenate([f, ops.ones_like(f[..., :1])], axis=-1)
         fa = ops.matmul(f, ops.matmul(w, ops.transpose(w)))  # f~ A
     sq = ops.maximum(ops.sum(fa * f, axis=-1), 0.0)  # |v|^2, (2B, M)
-    inv = ops.rsqrt(ops.maximum(sq, 1e-24))  # 1 / max(|v|, 1e-12), finite gradient at v = 0 (see _inv_norms)
+    inv = _inv_norms_of_squares(sq)  # 1 / max(|v|, 1e-12)
 
     # L_in: every pair of listed tokens is a pair of masked positions.
     m = f.shape[1]
