@@ -50,7 +50,9 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss=True):
     ``sum_b,i mask_bi * mean_k (pred_bik - t_bik)^2 / sum_b,i mask_bi``, where
     ``t`` is ``target`` or, with ``norm_pix_loss``, ``target`` normalised per
     patch (see :func:`normalize_patches`). The division is over the masked
-    patches of the whole batch, as the official implementation does.
+    patches of the whole batch, as the official implementation does (under
+    ``tf.distribute``: of the global batch, see
+    :func:`keras_lcmae.distribute.global_mean`).
 
     Args:
         pred: ``(B, N, P)`` decoder predictions.
@@ -76,7 +78,7 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss=True):
     target = normalize_patches(target) if norm_pix_loss else ops.cast(target, "float32")
     mask = ops.cast(mask, "float32")
     per_patch = ops.mean(ops.square(pred - target), axis=-1)
-    return ops.sum(per_patch * mask) / ops.maximum(ops.sum(mask), 1.0)
+    return global_mean(ops.sum(per_patch * mask), ops.sum(mask))
 
 
 def _inv_norms(x, axis=-1, eps=1e-12):
@@ -169,7 +171,7 @@ def in_view_loss(v, x, mask):
     n = v.shape[1]
     pairs = m[:, :, None] * m[:, None, :] * (1.0 - ops.eye(n, dtype="float32"))[None]
     diff = ops.abs(cosine_matrix(v) - cosine_matrix(x))
-    return ops.sum(pairs * diff) / ops.maximum(ops.sum(pairs), 1.0)
+    return global_mean(ops.sum(pairs * diff), ops.sum(pairs))
 
 
 def collapse_std(v, mask=None):
@@ -245,7 +247,7 @@ def contrastive_terms(features, x, ids_masked, ids_restore, num_visible, project
     off_diag = (1.0 - ops.eye(m, dtype="float32"))[None]
     diff = ops.abs(cos_v - cosine_matrix(x)) * off_diag
     batch2 = ops.shape(f)[0]
-    l_in = ops.sum(diff) / ops.maximum(ops.cast(batch2, "float32") * m * (m - 1), 1.0)
+    l_in = global_mean(ops.sum(diff), ops.cast(batch2, "float32") * m * (m - 1))
 
     # L_cross: pair each view-1 token with the same position in view 2, if masked there.
     b = batch2 // 2

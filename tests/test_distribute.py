@@ -1,6 +1,6 @@
 """Distribution equals one device: MirroredStrategy on 2 logical CPU devices
 (same loss, L_cross included, and same update for the same weights, images and
-noise; replicas draw different masks), JAX DataParallel on 2 forced host
+noise; replicas draw different masks; the losses on unequal replica batches), JAX DataParallel on 2 forced host
 devices, and a two-process MultiWorkerMirroredStrategy run of the recipe."""
 
 import json
@@ -29,6 +29,21 @@ def test_mirrored_matches_one_device(method):
     assert r["mask_mean"] == 0.75 and r["mask_disagreement"] > 0.2  # replicas draw their own masks
     assert r["max_update"] > 1e-2  # the step did change the weights
     assert r["max_weight_diff"] < 1e-5
+
+
+def test_losses_normalise_over_the_global_batch_on_uneven_replicas():
+    """Every loss divides the sum over the whole batch by the count over the
+    whole batch, also when replicas hold unequal parts of it (a last partial
+    batch): replica means of 3 and 1 images would weight the lone image 3x."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", "uneven_replica_losses.py")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    for key, value in r["single"].items():
+        assert r["mirrored"][key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.parametrize("method", ["mae", "lcmae"])
