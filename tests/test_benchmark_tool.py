@@ -14,20 +14,36 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import benchmark  # noqa: E402
 
 
+def _table_rows(text, config):
+    """The rows of ``config``'s markdown table in ``text``, as lists of cells."""
+    section = text.split(f"## {config}:")[1].split("\n## ")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in rows[0]]
+    return [dict(zip(head, (c.strip() for c in row))) for row in rows[1:]]
+
+
 @pytest.mark.slow
-def test_benchmark_reports_methods_pipeline_and_ratios():
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--configs", "test", "--methods", "mae,lcmae,ae",
-           "--backends", "tensorflow", "--pipeline", "--pipeline_images", "24", "--warmup", "1", "--steps", "2", "--optimizer",
-           "--batch", "4", "--peak_tflops", "0.5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
+    """``--suite smoke`` end to end: PyTorch float32/bf16 with HF's ViTMAE in
+    one section, TensorFlow with the input pipeline and the AdamW update in
+    another; the JSON records, the ratios, and the markdown tables built from
+    them (each cell the figure of its own section's record)."""
+    out = tmp_path / "speed.md"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--suite", "smoke", "--batch", "4",
+           "--peak_tflops", "0.5", "--markdown", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
-    runs = {r["method"]: r for r in lines if "median_step_s" in r}
+    assert not [l for l in lines if "error" in l], lines
+    records = [r for r in lines if "median_step_s" in r]
+    runs = {r["method"]: r for r in records if r["backend"] in ("tensorflow", "pipeline")}
     assert set(runs) == {"mae", "lcmae", "ae", "pipeline", "update_keras_adamw", "update_ours_adamw"}, lines
     updates = {m: runs.pop(m) for m in ("update_keras_adamw", "update_ours_adamw")}
     assert all(u["images_per_s"] is None and u["median_step_s"] > 0 and u["steps_timed"] == 2 for u in updates.values())
-    for r in runs.values():
+    for r in records:
+        if r["method"].startswith("update_"):
+            continue
         assert r["images_per_s"] > 0 and r["steps_timed"] == 2 and r["rounds"] == 1 and r["peak_rss_mb"] > 0
         assert r["batch"] == 4 and r["images_per_s"] == pytest.approx(4 / r["median_step_s"], rel=1e-2)
         assert r["device"].startswith("cpu: ") and r["peak_device_mb"] is None
@@ -39,13 +55,41 @@ def test_benchmark_reports_methods_pipeline_and_ratios():
     assert runs["mae"]["flops_per_image"] < runs["lcmae"]["flops_per_image"] < 2 * runs["mae"]["flops_per_image"]
     assert runs["mae"]["flops_per_image"] < runs["ae"]["flops_per_image"]
     assert runs["pipeline"]["flops_per_image"] is None and runs["pipeline"]["mfu"] is None
-    ratios = {r["ratio"]: r["value"] for r in lines if "ratio" in r}
-    assert ratios["lcmae_step/mae_step"] == pytest.approx(runs["lcmae"]["median_step_s"] / runs["mae"]["median_step_s"], rel=1e-2)
-    assert ratios["mae_step/ae_step"] == pytest.approx(runs["mae"]["median_step_s"] / runs["ae"]["median_step_s"], rel=1e-2)
-    assert ratios["keras AdamW update/ours"] == pytest.approx(
+    ratios = {(r["ratio"], r.get("backend"), r.get("dtype")): r["value"] for r in lines if "ratio" in r}
+    tf = ("tensorflow", "float32")
+    assert ratios[("lcmae_step/mae_step", *tf)] == pytest.approx(runs["lcmae"]["median_step_s"] / runs["mae"]["median_step_s"], rel=1e-2)
+    assert ratios[("mae_step/ae_step", *tf)] == pytest.approx(runs["mae"]["median_step_s"] / runs["ae"]["median_step_s"], rel=1e-2)
+    assert ratios[("keras AdamW update/ours", "tensorflow", None)] == pytest.approx(
         updates["update_keras_adamw"]["median_step_s"] / updates["update_ours_adamw"]["median_step_s"], rel=1e-2)
-    fastest = max(runs[m]["images_per_s"] for m in ("mae", "lcmae", "ae"))
-    assert ratios["pipeline/fastest model images_per_s"] == pytest.approx(runs["pipeline"]["images_per_s"] / fastest, rel=1e-2)
+    fastest = max(runs[m]["images_per_s"] for m in ("mae", "lcmae", "ae"))  # the pipeline's section: TensorFlow only
+    pipe_ratio = ratios[("pipeline/fastest model images_per_s", None, None)]
+    assert pipe_ratio == pytest.approx(runs["pipeline"]["images_per_s"] / fastest, rel=1e-2)
+    torch_mae = {r["dtype"]: r for r in records if r["backend"] == "torch" and r["method"] == "mae"}
+    hf = {r["dtype"]: r for r in records if r["backend"] == "hf_torch"}
+    assert set(torch_mae) == set(hf) == {"float32", "bfloat16"}
+    for dtype in hf:
+        assert ratios[("ours/hf_torch images_per_s (same dtype)", "torch", dtype)] == pytest.approx(
+            torch_mae[dtype]["images_per_s"] / hf[dtype]["images_per_s"], rel=1e-2)
+
+    text = out.read_text()
+    assert "cpu: " in text and "--suite smoke" in text and "torch 2." in text and "keras 3." in text
+    rows = _table_rows(text, "test")
+    by = {(r["backend"], r["dtype"]): r for r in rows}
+    assert set(by) == {("torch", "float32"), ("torch", "bfloat16"), ("tensorflow", "float32"),
+                       ("HF ViTMAE (transformers, PyTorch eager)", "float32"),
+                       ("HF ViTMAE (transformers, PyTorch eager)", "bfloat16 autocast")}
+    row = by[("tensorflow", "float32")]
+    assert float(row["MAE images/s"]) == pytest.approx(runs["mae"]["images_per_s"], rel=1e-3)
+    assert float(row["LC-MAE/MAE step"]) == pytest.approx(ratios[("lcmae_step/mae_step", *tf)], abs=1e-3)
+    assert float(row["MAE MFU"].rstrip("%")) == pytest.approx(100 * runs["mae"]["mfu"], abs=0.06)
+    assert row["ours/HF"] == "" and row["HF ViTMAE images/s, same run and dtype"] == ""  # HF ran in the other section
+    for dtype in ("float32", "bfloat16"):
+        row = by[("torch", dtype)]
+        assert float(row["HF ViTMAE images/s, same run and dtype"]) == pytest.approx(hf[dtype]["images_per_s"], rel=1e-3)
+        assert float(row["ours/HF"].rstrip("x")) == pytest.approx(
+            ratios[("ours/hf_torch images_per_s (same dtype)", "torch", dtype)], abs=1e-3)
+    assert f"**{pipe_ratio:.3g}x** the fastest model of its run (mae tensorflow" in text
+    assert "Best ours / best HF ViTMAE" in text and "One AdamW update of the MAE parameters (tensorflow)" in text
 
 
 def _rec(method, backend, dtype, step, batch=8, jit="off", config="c"):
@@ -159,3 +203,61 @@ def test_bad_flags_are_named(flags, named):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), *flags],
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_markdown_report_keeps_each_sections_ratios():
+    """Two sections time the same setting: the report gives each its own row,
+    with the ratio of its own run, and the best/best line of the section
+    that ran HF; a config without records gets no table."""
+    def section(step, ref_step):
+        results = [dict(_rec("mae", "torch", "bfloat16", step, config="tiny32"), tflops=0.25, mfu=None, peak_rss_mb=900.0,
+                        device="cpu: X (2 cores)", version="keras 3 (torch)"),
+                   dict(_rec("ae", "torch", "bfloat16", 2 * step, config="tiny32"), peak_rss_mb=950.0, device="cpu: X (2 cores)"),
+                   dict(_rec("mae", "hf_torch", "bfloat16", ref_step, config="tiny32"), peak_rss_mb=800.0,
+                        device="cpu: X (2 cores)", version="torch 2")]
+        return results, benchmark.ratios(results)
+
+    text = benchmark.markdown_report([section(0.5, 1.0), section(0.25, 1.0)], command="python tools/benchmark.py --x",
+                                     when="2026-01-01 00:00 UTC")
+    assert "Measured 2026-01-01 00:00 UTC on cpu: X (2 cores)." in text and "`python tools/benchmark.py --x`" in text
+    assert "## tiny32: ViT 192x12 (3 heads), 32 px, patch 4, decoder 128x2 (4 heads), batch 8" in text
+    assert "## base224" not in text and "MAE MFU" not in text
+    rows = [r for r in _table_rows(text, "tiny32") if r["backend"] == "torch"]
+    assert [(r["MAE images/s"], r["AE images/s"], r["LC-MAE images/s"]) for r in rows] == [("16", "8", ""), ("32", "16", "")]
+    assert [r["ours/HF"] for r in rows] == ["2.000x", "4.000x"] and [r["MAE/AE step"] for r in rows] == ["0.500"] * 2
+    assert [r["peak RSS MB"] for r in rows] == ["950", "950"]
+    assert text.count("Best ours / best HF ViTMAE: **2.000x**") == 1 and text.count("**4.000x**") == 1
+
+
+@pytest.mark.parametrize("flags, named", [(["--suite", "cpu", "--configs", "test"], "--suite cpu sets --configs"),
+                                          (["--suite", "gpu", "--steps", "3", "--reference"], "--suite gpu sets --reference, --steps"),
+                                          (["--suite", "fast"], "--suite: invalid choice"),
+                                          (["--rounds", "0"], "--rounds must be a positive")])
+def test_suite_flags_are_checked(flags, named):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), *flags],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+
+
+def test_suites_plan_the_readme_figures():
+    """The cpu suite's sections give every row the README's table needs; the
+    gpu suite times ViT-B/16 in bf16 at a GPU batch against HF; --batch
+    given on the command line wins over a section's."""
+    import argparse
+
+    defaults = argparse.Namespace(configs="tiny32", methods="mae,lcmae", backends="tensorflow,jax,torch", jit="auto",
+                                  dtype="float32", reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3,
+                                  steps=10, batch=None, peak_tflops=None, pipeline_images=None)
+    jobs = set()
+    for spec in benchmark.SUITES["cpu"]:
+        jobs |= set(benchmark.section_jobs(benchmark.section_plan(defaults, spec)))
+    for need in [("tiny32", "mae", "hf_torch", "off", "bfloat16"), ("tiny32", "mae,lcmae,ae", "torch", "auto", "bfloat16"),
+                 ("tiny32", "mae,lcmae,ae", "tensorflow", "on", "float32"), ("tiny32", "mae,lcmae,ae", "jax", "auto", "float32"),
+                 ("base224", "mae,ae", "torch", "auto", "bfloat16"), ("base224", "mae", "hf_torch", "off", "float32"),
+                 ("base224", "mae", "tensorflow", "off", "bfloat16"), ("base224", "mae", "jax", "auto", "bfloat16"),
+                 ("base224", "pipeline", "pipeline", "off", "float32"), ("base224", "optimizer", "torch", "auto", "float32")]:
+        assert need in jobs, need
+    assert not any(j[1] == "optimizer" and j[2] != "torch" for j in jobs)
+    gpu = [benchmark.section_plan(defaults, spec) for spec in benchmark.SUITES["gpu"]]
+    assert gpu[0].configs == "base224" and gpu[0].dtype == "bfloat16" and gpu[0].reference and gpu[0].batch == 64
+    assert benchmark.section_plan(argparse.Namespace(**dict(vars(defaults), batch=16)), benchmark.SUITES["gpu"][0]).batch == 16

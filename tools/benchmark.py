@@ -17,6 +17,12 @@ sees one.
     python tools/benchmark.py --configs base224 --methods mae --reference
     python tools/benchmark.py --configs base224 --methods mae,ae --backends torch --pipeline
     python tools/benchmark.py --configs base224 --methods mae --dtype bfloat16 --reference --batch 64  # a GPU
+    python tools/benchmark.py --suite cpu --markdown speed.md   # README's CPU tables, one command
+    python tools/benchmark.py --suite gpu --markdown speed.md   # issue 7's GPU figures
+
+``--suite`` runs a fixed plan of sections (each a run of its own, with its
+own rounds and ratios: :data:`SUITES`) and ``--markdown`` writes the figures
+as one table per config, naming the machine, the versions and the command.
 
 Configs: ``tiny32`` (ViT 192 x 12, 3 heads, 32 px, patch 4, decoder 128 x 2
 with 4 heads, batch 64), ``base224`` (ViT-B/16 at 224, decoder 512 x 8 with 16
@@ -435,8 +441,201 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
     return records or [{"config": config, "method": method, "backend": backend, "jit": jit, "error": proc.stderr.strip().splitlines()[-1:]}]
 
 
+# ``--suite``: the README's figures, each suite a list of sections; a section
+# is one benchmark run (its own jobs, rounds and ratios), given as the flags
+# it would take on the command line. ``models=False``: no model jobs (only
+# the optimizer or pipeline ones).
+SUITES = {
+    "cpu": (  # README "Speed" on a CPU machine (about 40 min on 2 cores)
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
+             rounds=2, steps=10),
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
+             rounds=2, steps=10),
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", rounds=2, steps=10),
+        dict(configs="base224", methods="mae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
+             rounds=2, warmup=2, steps=5),
+        dict(configs="base224", methods="mae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
+             warmup=1, steps=3),
+        dict(configs="base224", methods="mae", backends="jax", dtype="float32,bfloat16", warmup=1, steps=3),
+        dict(configs="tiny32,base224", methods="mae", backends="torch", dtype="bfloat16", pipeline=True, warmup=2,
+             steps=5),
+        dict(configs="tiny32,base224", backends="torch", optimizer=True, models=False, warmup=2, steps=5),
+    ),
+    "gpu": (  # issue 7's GPU targets: ViT-B/16 in bf16 at a GPU-sized batch, HF on the same GPU
+        dict(configs="base224", methods="mae,lcmae,ae", backends="torch,jax,tensorflow", dtype="bfloat16",
+             reference=True, batch=64, warmup=3, steps=10),
+        dict(configs="tiny32", methods="mae,lcmae", backends="torch,jax,tensorflow", dtype="bfloat16",
+             reference=True, batch=256, warmup=3, steps=10),
+    ),
+    "smoke": (  # a minute-long run of every kind of section, for tests and a first look
+        dict(configs="test", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
+             warmup=1, steps=2),
+        dict(configs="test", methods="mae,lcmae,ae", backends="tensorflow", jit="off", pipeline=True,
+             pipeline_images=24, optimizer=True, warmup=1, steps=2),
+    ),
+}
+# the flags a suite fixes (they may not be given with --suite)
+PLAN_FLAGS = ("configs", "methods", "backends", "jit", "dtype", "reference", "pipeline", "optimizer", "rounds",
+              "warmup", "steps")
+
+
+def section_plan(args, spec=None):
+    """The flags of one section: ``args`` with ``spec`` over them (a suite's
+    section; ``models`` is True unless the spec says otherwise); ``--batch``
+    and ``--pipeline_images`` given on the command line win over the spec."""
+    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops")}
+    plan.update(models=True, pipeline_images=256)
+    plan.update(spec or {})
+    for key in ("batch", "pipeline_images"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
+    return argparse.Namespace(**plan)
+
+
+def section_jobs(plan):
+    """The worker jobs of one section: (config, methods, backend, jit, dtype)."""
+    jobs = []
+    for config in plan.configs.split(","):
+        if plan.reference:
+            jobs += [(config, "mae", "hf_torch", "off", dtype) for dtype in plan.dtype.split(",")]
+        if plan.pipeline:
+            jobs.append((config, "pipeline", "pipeline", "off", "float32"))
+        if plan.optimizer:
+            jobs += [(config, "optimizer", backend, "auto", "float32") for backend in plan.backends.split(",")]
+        if plan.models:
+            for backend in plan.backends.split(","):
+                for jit in plan.jit.split(","):
+                    for dtype in plan.dtype.split(","):
+                        # all methods of one setting share a process (interleaved steps)
+                        jobs.append((config, plan.methods, backend, jit, dtype))
+    return jobs
+
+
+def run_section(plan):
+    """Runs one section's jobs ``plan.rounds`` times, every other round in
+    reverse order, so that slow spells of a shared machine hit every job
+    alike; each figure is the median of its steps pooled over the rounds.
+    Prints and returns the pooled records and the ratios of this section."""
+    jobs = section_jobs(plan)
+    records = []
+    for r in range(plan.rounds):
+        for job in jobs if r % 2 == 0 else jobs[::-1]:
+            for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops):
+                if "step_s" not in rec:
+                    print(json.dumps(rec), flush=True)
+                else:
+                    records.append(rec)
+    results = pool(records, plan.rounds)
+    found = ratios(results)
+    for rec in results + found:
+        print(json.dumps(rec), flush=True)
+    return results, found
+
+
+METHOD_NAMES = {"mae": "MAE", "lcmae": "LC-MAE", "ae": "AE"}
+
+
+def describe_config(name, batch=None):
+    """One line naming a config's sizes, e.g. for a table's heading."""
+    c = dict(CONFIGS[name])
+    return (f"{name}: ViT {c['width']}x{c['depth']} ({c['heads']} heads), {c['image']} px, patch {c['patch']}, "
+            f"decoder {c['dec_width']}x{c['dec_depth']} ({c['dec_heads']} heads), batch {batch or c['batch']}")
+
+
+def _fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def markdown_report(sections, command, when=None):
+    """Markdown tables of the figures of ``sections`` (a list of
+    ``(results, ratios)``, one per section, as :func:`run_section` returns),
+    one table per config, naming the machine, the versions and the command.
+    A row is one (backend, jit_compile, dtype) setting of one section; its
+    ratio columns come from that section's run only (LC-MAE/MAE and MAE/AE
+    step, ours/HF at the same dtype), as do the lines under each table
+    (best ours/best HF, input pipeline/fastest model, one AdamW update)."""
+    when = when or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    everything = [r for results, _ in sections for r in results]
+    devices = sorted({r["device"] for r in everything if r.get("device")})
+    versions = sorted({r["version"] for r in everything if r.get("version")})
+    lines = ["# keras_lcmae benchmark", "",
+             f"Measured {when} on {'; '.join(devices) or 'an unknown device'}.", "",
+             f"Versions: {'; '.join(versions)}.", "",
+             f"Command: `{command}`", "",
+             "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds); "
+             "ratios are taken within one section's run; peak RSS is the largest of the section's processes.", ""]
+    configs = list(dict.fromkeys(r["config"] for r in everything))
+    for config in configs:
+        rows, notes = [], []
+        has_mfu = any(r.get("mfu") is not None for r in everything if r["config"] == config)
+        for results, found in sections:
+            here = [r for r in results if r["config"] == config]
+            def ratio(name, **keys):
+                for q in found:
+                    if q["ratio"] == name and q.get("config") == config and all(q.get(k) == v for k, v in keys.items()):
+                        return q["value"]
+                return None
+            refs = {r["dtype"]: r for r in here if r["backend"] == "hf_torch"}
+            settings = list(dict.fromkeys((r["backend"], r["jit"], r["dtype"]) for r in here
+                                          if r["method"] in METHOD_NAMES and r["backend"] != "hf_torch"))
+            for backend, jit, dtype in settings:
+                by = {r["method"]: r for r in here if (r["backend"], r["jit"], r["dtype"]) == (backend, jit, dtype)}
+                mae_rec = by.get("mae", {})
+                ref = refs.get(dtype)
+                keys = dict(backend=backend, jit=jit, dtype=dtype)
+                cells = [backend, jit, dtype] + [_fmt(by[m]["images_per_s"] if m in by else None, ".4g") for m in METHOD_NAMES]
+                cells.append(_fmt(mae_rec.get("tflops"), ".3g"))
+                if has_mfu:
+                    cells.append(_fmt(mae_rec.get("mfu"), ".1%"))
+                same = ratio("ours/hf_torch images_per_s (same dtype)", **keys)
+                cells += [_fmt(ratio("lcmae_step/mae_step", **keys), ".3f"), _fmt(ratio("mae_step/ae_step", **keys), ".3f"),
+                          _fmt(ref["images_per_s"] if ref else None, ".4g"), f"{same:.3f}x" if same else "",
+                          _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f")]
+                rows.append(cells)
+            for dtype, ref in refs.items():
+                cells = ["HF ViTMAE (transformers, PyTorch eager)", "", dtype + (" autocast" if dtype == "bfloat16" else ""),
+                         _fmt(ref["images_per_s"], ".4g"), "", "", _fmt(ref.get("tflops"), ".3g")]
+                if has_mfu:
+                    cells.append(_fmt(ref.get("mfu"), ".1%"))
+                rows.append(cells + ["", "", "", "", _fmt(ref.get("peak_rss_mb"), ".0f")])
+            for q in found:
+                if q.get("config") != config:
+                    continue
+                if q["ratio"] == "best ours/best hf_torch images_per_s":
+                    notes.append(f"- Best ours / best HF ViTMAE: **{q['value']:.3f}x** (ours: {q['ours']}; HF: {q['hf_torch']}).")
+                elif q["ratio"] == "pipeline/fastest model images_per_s":
+                    pipe = next(r for r in here if r["method"] == "pipeline")
+                    notes.append(f"- Input pipeline (JPEG folder, pretraining transform): {pipe['images_per_s']:.4g} images/s, "
+                                 f"**{q['value']:.3g}x** the fastest model of its run ({q['model']}).")
+                elif q["ratio"] == "keras AdamW update/ours":
+                    ups = {r["method"]: r["median_step_s"] for r in here
+                           if r["backend"] == q["backend"] and r["method"].startswith("update_")}
+                    torch_part = (f", torch.optim.AdamW {ups['update_torch_adamw']:.3g} s"
+                                  if "update_torch_adamw" in ups else "")
+                    notes.append(f"- One AdamW update of the MAE parameters ({q['backend']}): Keras' "
+                                 f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
+                                 f"{torch_part} (Keras/recipe {q['value']:.3g}x).")
+        batch = next((r["batch"] for r in everything if r["config"] == config and r.get("batch")), None)
+        lines += [f"## {describe_config(config, batch)}", ""]
+        if rows:
+            head = ["backend", "jit_compile", "dtype"] + [f"{n} images/s" for n in METHOD_NAMES.values()] + [
+                "MAE TFLOP/s"] + (["MAE MFU"] if has_mfu else []) + [
+                "LC-MAE/MAE step", "MAE/AE step", "HF ViTMAE images/s, same run and dtype", "ours/HF", "peak RSS MB"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
+            lines.append("")
+        if notes:
+            lines += notes + [""]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default=None, choices=sorted(SUITES),
+                        help="run a fixed plan of sections: cpu (README's CPU table), gpu (issue 7's GPU targets), "
+                             "smoke (a minute-long check); it sets the measurement flags itself")
+    parser.add_argument("--markdown", default=None,
+                        help="also write the figures as markdown tables naming the machine to this file ('-': stdout)")
     parser.add_argument("--configs", default="tiny32")
     parser.add_argument("--methods", default="mae,lcmae")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
@@ -445,7 +644,7 @@ def main():
     parser.add_argument("--reference", action="store_true", help="also time transformers' ViTMAE (torch) for mae")
     parser.add_argument("--pipeline", action="store_true",
                         help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
-    parser.add_argument("--pipeline_images", type=int, default=256, help="JPEG files made for --pipeline")
+    parser.add_argument("--pipeline_images", type=int, default=None, help="JPEG files made for --pipeline (default 256)")
     parser.add_argument("--optimizer", action="store_true",
                         help="also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
                              "(and torch.optim.AdamW on the torch backend), on each backend")
@@ -465,39 +664,30 @@ def main():
         parser.error(f"--batch must be a positive integer, got {args.batch}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    for name in ("rounds", "steps", "pipeline_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.suite:
+        given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != parser.get_default(k)]
+        if given:
+            parser.error(f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
+                         "--pipeline_images and --markdown may be given)")
     if args.worker:
         args.config, args.method, args.backend = args.configs, args.methods, args.backends
+        args.pipeline_images = args.pipeline_images or 256
         worker(args)
         return
-    jobs = []
-    for config in args.configs.split(","):
-        if args.reference:
-            jobs += [(config, "mae", "hf_torch", "off", dtype) for dtype in args.dtype.split(",")]
-        if args.pipeline:
-            jobs.append((config, "pipeline", "pipeline", "off", "float32"))
-        if args.optimizer:
-            jobs += [(config, "optimizer", backend, "auto", "float32") for backend in args.backends.split(",")]
-        for backend in args.backends.split(","):
-            for jit in args.jit.split(","):
-                for dtype in args.dtype.split(","):
-                    # all methods of one setting share a process (interleaved steps)
-                    jobs.append((config, args.methods, backend, jit, dtype))
-    # Rounds: the whole job list runs ``--rounds`` times, every other round in
-    # reverse order, and each figure is the median of its steps pooled over
-    # the rounds, so slow spells of a shared machine hit every job alike.
-    records = []
-    for r in range(args.rounds):
-        for job in jobs if r % 2 == 0 else jobs[::-1]:
-            for rec in spawn(*job, args.warmup, args.steps, args.pipeline_images, args.batch, args.peak_tflops):
-                if "step_s" not in rec:
-                    print(json.dumps(rec), flush=True)
-                else:
-                    records.append(rec)
-    results = pool(records, args.rounds)
-    for rec in results:
-        print(json.dumps(rec), flush=True)
-    for ratio in ratios(results):
-        print(json.dumps(ratio), flush=True)
+    specs = SUITES[args.suite] if args.suite else (None,)
+    sections = [run_section(section_plan(args, spec)) for spec in specs]
+    if args.markdown:
+        text = markdown_report(sections, command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]))
+        if args.markdown == "-":
+            print(text, end="")
+        else:
+            with open(args.markdown, "w") as f:
+                f.write(text)
 
 
 def pool(records, rounds):
