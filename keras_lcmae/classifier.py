@@ -105,7 +105,7 @@ def rebuild_encoder(encoder, image_size=None, drop_path_rate=None, pos_embed_tra
     return copy
 
 
-def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop_path_rate=None):
+def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop_path_rate=None, pos_embed_trainable=None):
     """Loads a :class:`ViTEncoder` from a ``.keras`` file (the
     ``encoder.keras`` written by ``recipes/pretrain.py``, or a whole
     MAE/LC-MAE model file, whose ``.encoder`` is taken).
@@ -115,7 +115,8 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
     (a multiple of the patch size) resamples the position table to the new
     grid, as official MAE's finetuning (:func:`rebuild_encoder`);
     ``drop_path_rate`` replaces the pretraining rate (0.1 for ViT-B
-    finetuning).
+    finetuning); ``pos_embed_trainable`` (default: as saved) sets whether
+    the position table trains. All of them together cost one rebuild.
 
     Example:
     >>> encoder = load_encoder("runs/demo/encoder.keras", image_size=32)
@@ -133,14 +134,15 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
         )
     found = dict(patch_size=encoder.patch_size, num_channels=encoder.num_channels)
     _check_geometry(found, patch_size, num_channels, repr(path))
-    return _rebuild_checked(encoder, image_size, drop_path_rate, repr(path))
+    return _rebuild_checked(encoder, image_size, drop_path_rate, repr(path), pos_embed_trainable)
 
 
-def _rebuild_checked(encoder, image_size, drop_path_rate, source):
+def _rebuild_checked(encoder, image_size, drop_path_rate, source, pos_embed_trainable=None):
     """:func:`rebuild_encoder` with an error naming ``source`` when the new
     image size does not fit the patch size."""
     try:
-        return rebuild_encoder(encoder, image_size=image_size, drop_path_rate=drop_path_rate)
+        return rebuild_encoder(encoder, image_size=image_size, drop_path_rate=drop_path_rate,
+                               pos_embed_trainable=pos_embed_trainable)
     except ValueError as e:
         raise ValueError(f"{source}: cannot resize its encoder to image_size={image_size}: {e}") from None
 
@@ -259,7 +261,9 @@ class ViTClassifier(ReleasesGradients, keras.Model):
         Other keyword arguments go to the constructor."""
         _check_num_classes(num_classes)
         _check_pool(pool)
-        encoder = load_encoder(path, image_size, patch_size, num_channels, drop_path_rate)
+        # finetuning trains the position table: set it in the one rebuild (the constructor then keeps the encoder)
+        trainable = None if kwargs.get("linear_probe", False) else True
+        encoder = load_encoder(path, image_size, patch_size, num_channels, drop_path_rate, pos_embed_trainable=trainable)
         return cls(encoder, num_classes, pool=pool, **kwargs)
 
     @classmethod
@@ -308,6 +312,8 @@ class ViTClassifier(ReleasesGradients, keras.Model):
             state.pop("norm.weight", None)
             state.pop("norm.bias", None)
         overrides = {} if drop_path_rate is None else {"drop_path_rate": float(drop_path_rate)}
+        if not kwargs.get("linear_probe", False):  # built trainable, so the constructor need not copy it
+            overrides["pos_embed_trainable"] = True
         encoder = encoder_from_official_state_dict(state, num_heads, **overrides)
         encoder = _rebuild_checked(encoder, image_size, None, "The state dict")
         model = cls(encoder, num_classes, pool=pool, **kwargs)

@@ -73,6 +73,7 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
 
     text = out.read_text()
     assert "cpu: " in text and "--suite smoke" in text and "torch 2." in text and "keras 3." in text
+    assert "Jobs that failed" not in text
     rows = _table_rows(text, "test")
     by = {(r["backend"], r["dtype"]): r for r in rows}
     assert set(by) == {("torch", "float32"), ("torch", "bfloat16"), ("tensorflow", "float32"),
@@ -217,8 +218,10 @@ def test_markdown_report_keeps_each_sections_ratios():
                         device="cpu: X (2 cores)", version="torch 2")]
         return results, benchmark.ratios(results)
 
+    failed = {"config": "tiny32", "method": "mae", "backend": "jax", "jit": "auto", "error": ["ModuleNotFoundError: jax"]}
     text = benchmark.markdown_report([section(0.5, 1.0), section(0.25, 1.0)], command="python tools/benchmark.py --x",
-                                     when="2026-01-01 00:00 UTC")
+                                     when="2026-01-01 00:00 UTC", failures=[failed])
+    assert "## Jobs that failed\n\n- tiny32 mae jax jit=auto: ModuleNotFoundError: jax" in text
     assert "Measured 2026-01-01 00:00 UTC on cpu: X (2 cores)." in text and "`python tools/benchmark.py --x`" in text
     assert "## tiny32: ViT 192x12 (3 heads), 32 px, patch 4, decoder 128x2 (4 heads), batch 8" in text
     assert "## base224" not in text and "MAE MFU" not in text

@@ -189,6 +189,39 @@ def test_from_official_state_dict(images, rng):
         ViTClassifier.from_official_state_dict([1, 2], 4, num_heads=2)
 
 
+def test_loading_at_a_new_size_builds_the_encoder_once(tmp_path, monkeypatch):
+    """Resizing, a new drop-path rate and the trainable position table of
+    finetuning happen in one rebuild: after loading (file) or building from
+    the state dict, exactly one more ViTEncoder is made, and the constructor
+    keeps it (the probe keeps the loaded encoder as it is)."""
+    from keras_lcmae.encoder import ViTEncoder
+
+    encoder = tiny_encoder()
+    path = os.path.join(tmp_path, "encoder.keras")
+    encoder.save(path)
+    state = export_official_state_dict(encoder)
+    made = []
+    init = ViTEncoder.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(kwargs.get("pos_embed_trainable"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ViTEncoder, "__init__", counting_init)
+    model = ViTClassifier.from_encoder_file(path, 3, image_size=48, drop_path_rate=0.1)
+    assert len(made) == 2 and made[-1] is True  # the file's encoder, then the one rebuild
+    assert model.encoder.pos_embed.trainable and model.encoder.grid_size == (6, 6) and model.encoder.drop_path_rate == 0.1
+    made.clear()
+    probe = ViTClassifier.from_encoder_file(path, 3, linear_probe=True)
+    assert len(made) == 1 and not probe.encoder.pos_embed_trainable
+    made.clear()
+    model = ViTClassifier.from_official_state_dict(state, 3, num_heads=2, image_size=48)
+    assert len(made) == 2 and model.encoder.pos_embed.trainable and model.encoder.grid_size == (6, 6)
+    made.clear()
+    model = ViTClassifier.from_official_state_dict(state, 3, num_heads=2)
+    assert len(made) == 1 and model.encoder.pos_embed.trainable
+
+
 def test_bad_input():
     for bad in (1, 0, 2.0, "10", True, None):
         with pytest.raises(ValueError, match="num_classes"):

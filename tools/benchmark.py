@@ -515,21 +515,23 @@ def run_section(plan):
     """Runs one section's jobs ``plan.rounds`` times, every other round in
     reverse order, so that slow spells of a shared machine hit every job
     alike; each figure is the median of its steps pooled over the rounds.
-    Prints and returns the pooled records and the ratios of this section."""
+    Prints and returns the pooled records and the ratios of this section,
+    and the error records of jobs that failed."""
     jobs = section_jobs(plan)
-    records = []
+    records, failed = [], []
     for r in range(plan.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
             for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
+                    failed.append(rec)
                 else:
                     records.append(rec)
     results = pool(records, plan.rounds)
     found = ratios(results)
     for rec in results + found:
         print(json.dumps(rec), flush=True)
-    return results, found
+    return results, found, failed
 
 
 METHOD_NAMES = {"mae": "MAE", "lcmae": "LC-MAE", "ae": "AE"}
@@ -546,14 +548,16 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
-def markdown_report(sections, command, when=None):
+def markdown_report(sections, command, when=None, failures=()):
     """Markdown tables of the figures of ``sections`` (a list of
     ``(results, ratios)``, one per section, as :func:`run_section` returns),
     one table per config, naming the machine, the versions and the command.
     A row is one (backend, jit_compile, dtype) setting of one section; its
     ratio columns come from that section's run only (LC-MAE/MAE and MAE/AE
     step, ours/HF at the same dtype), as do the lines under each table
-    (best ours/best HF, input pipeline/fastest model, one AdamW update)."""
+    (best ours/best HF, input pipeline/fastest model, one AdamW update).
+    ``failures`` (error records of jobs that did not finish) are listed at
+    the end, so a missing row is never silent."""
     when = when or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     everything = [r for results, _ in sections for r in results]
     devices = sorted({r["device"] for r in everything if r.get("device")})
@@ -626,6 +630,11 @@ def markdown_report(sections, command, when=None):
             lines.append("")
         if notes:
             lines += notes + [""]
+    if failures:
+        lines += ["## Jobs that failed", ""]
+        lines += [f"- {f.get('config')} {f.get('method')} {f.get('backend')} jit={f.get('jit')}: "
+                  f"{' '.join(f.get('error') or ['no output'])}" for f in failures]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -682,7 +691,8 @@ def main():
     specs = SUITES[args.suite] if args.suite else (None,)
     sections = [run_section(section_plan(args, spec)) for spec in specs]
     if args.markdown:
-        text = markdown_report(sections, command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]))
+        text = markdown_report([s[:2] for s in sections], command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
+                               failures=[f for s in sections for f in s[2]])
         if args.markdown == "-":
             print(text, end="")
         else:
