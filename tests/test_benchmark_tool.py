@@ -90,7 +90,8 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
         assert float(row["ours/HF"].rstrip("x")) == pytest.approx(
             ratios[("ours/hf_torch images_per_s (same dtype)", "torch", dtype)], abs=1e-3)
     assert f"**{pipe_ratio:.3g}x** the fastest model of its run (mae tensorflow" in text
-    assert "Best ours / best HF ViTMAE" in text and "One AdamW update of the MAE parameters (tensorflow)" in text
+    assert "Run 1: best ours / best HF ViTMAE" in text and "Run 2: one AdamW update of the MAE parameters (tensorflow)" in text
+    assert {r["run"] for r in rows if r["backend"] == "tensorflow"} == {"2"} and {r["run"] for r in rows if r["backend"] != "tensorflow"} == {"1"}
 
 
 def _rec(method, backend, dtype, step, batch=8, jit="off", config="c"):
@@ -229,7 +230,8 @@ def test_markdown_report_keeps_each_sections_ratios():
     assert [(r["MAE images/s"], r["AE images/s"], r["LC-MAE images/s"]) for r in rows] == [("16", "8", ""), ("32", "16", "")]
     assert [r["ours/HF"] for r in rows] == ["2.000x", "4.000x"] and [r["MAE/AE step"] for r in rows] == ["0.500"] * 2
     assert [r["peak RSS MB"] for r in rows] == ["950", "950"]
-    assert text.count("Best ours / best HF ViTMAE: **2.000x**") == 1 and text.count("**4.000x**") == 1
+    assert [r["run"] for r in rows] == ["1", "2"]
+    assert text.count("Run 1: best ours / best HF ViTMAE **2.000x**") == 1 and text.count("Run 2: best ours / best HF ViTMAE **4.000x**") == 1
 
 
 @pytest.mark.parametrize("flags, named", [(["--suite", "cpu", "--configs", "test"], "--suite cpu sets --configs"),
@@ -261,6 +263,8 @@ def test_suites_plan_the_readme_figures():
                  ("base224", "pipeline", "pipeline", "off", "float32"), ("base224", "optimizer", "torch", "auto", "float32")]:
         assert need in jobs, need
     assert not any(j[1] == "optimizer" and j[2] != "torch" for j in jobs)
+    # against HF, our MAE runs alone in its process, as HF's does
+    assert all(spec["methods"] == "mae" for spec in benchmark.SUITES["cpu"] if spec.get("reference"))
     gpu = [benchmark.section_plan(defaults, spec) for spec in benchmark.SUITES["gpu"]]
     assert gpu[0].configs == "base224" and gpu[0].dtype == "bfloat16" and gpu[0].reference and gpu[0].batch == 64
     assert benchmark.section_plan(argparse.Namespace(**dict(vars(defaults), batch=16)), benchmark.SUITES["gpu"][0]).batch == 16

@@ -447,13 +447,18 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
 # the optimizer or pipeline ones).
 SUITES = {
     "cpu": (  # README "Speed" on a CPU machine (about 40 min on 2 cores)
-        dict(configs="tiny32", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
+        # ours against HF: MAE alone in its process, as HF's is (another model
+        # interleaved in the same process slowed MAE by 7-30 % on this CPU)
+        dict(configs="tiny32", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
              rounds=2, steps=10),
-        dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
-             rounds=2, steps=10),
-        dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", rounds=2, steps=10),
-        dict(configs="base224", methods="mae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
+        dict(configs="base224", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
              rounds=2, warmup=2, steps=5),
+        # the method ratios: the methods of one setting interleaved in one process
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", steps=8),
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
+             steps=6),
+        dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", steps=6),
+        dict(configs="base224", methods="mae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=4),
         dict(configs="base224", methods="mae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
              warmup=1, steps=3),
         dict(configs="base224", methods="mae", backends="jax", dtype="float32,bfloat16", warmup=1, steps=3),
@@ -566,13 +571,14 @@ def markdown_report(sections, command, when=None, failures=()):
              f"Measured {when} on {'; '.join(devices) or 'an unknown device'}.", "",
              f"Versions: {'; '.join(versions)}.", "",
              f"Command: `{command}`", "",
-             "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds); "
-             "ratios are taken within one section's run; peak RSS is the largest of the section's processes.", ""]
+             "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds). A run is one "
+             "section of the plan (its own processes and rounds); every ratio is taken within one run, and the "
+             "methods of a row share one process, steps interleaved. Peak RSS: the row's largest process.", ""]
     configs = list(dict.fromkeys(r["config"] for r in everything))
     for config in configs:
         rows, notes = [], []
         has_mfu = any(r.get("mfu") is not None for r in everything if r["config"] == config)
-        for results, found in sections:
+        for run, (results, found) in enumerate(sections, 1):
             here = [r for r in results if r["config"] == config]
             def ratio(name, **keys):
                 for q in found:
@@ -587,7 +593,7 @@ def markdown_report(sections, command, when=None, failures=()):
                 mae_rec = by.get("mae", {})
                 ref = refs.get(dtype)
                 keys = dict(backend=backend, jit=jit, dtype=dtype)
-                cells = [backend, jit, dtype] + [_fmt(by[m]["images_per_s"] if m in by else None, ".4g") for m in METHOD_NAMES]
+                cells = [run, backend, jit, dtype] + [_fmt(by[m]["images_per_s"] if m in by else None, ".4g") for m in METHOD_NAMES]
                 cells.append(_fmt(mae_rec.get("tflops"), ".3g"))
                 if has_mfu:
                     cells.append(_fmt(mae_rec.get("mfu"), ".1%"))
@@ -597,7 +603,7 @@ def markdown_report(sections, command, when=None, failures=()):
                           _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f")]
                 rows.append(cells)
             for dtype, ref in refs.items():
-                cells = ["HF ViTMAE (transformers, PyTorch eager)", "", dtype + (" autocast" if dtype == "bfloat16" else ""),
+                cells = [run, "HF ViTMAE (transformers, PyTorch eager)", "", dtype + (" autocast" if dtype == "bfloat16" else ""),
                          _fmt(ref["images_per_s"], ".4g"), "", "", _fmt(ref.get("tflops"), ".3g")]
                 if has_mfu:
                     cells.append(_fmt(ref.get("mfu"), ".1%"))
@@ -606,23 +612,23 @@ def markdown_report(sections, command, when=None, failures=()):
                 if q.get("config") != config:
                     continue
                 if q["ratio"] == "best ours/best hf_torch images_per_s":
-                    notes.append(f"- Best ours / best HF ViTMAE: **{q['value']:.3f}x** (ours: {q['ours']}; HF: {q['hf_torch']}).")
+                    notes.append(f"- Run {run}: best ours / best HF ViTMAE **{q['value']:.3f}x** (ours: {q['ours']}; HF: {q['hf_torch']}).")
                 elif q["ratio"] == "pipeline/fastest model images_per_s":
                     pipe = next(r for r in here if r["method"] == "pipeline")
-                    notes.append(f"- Input pipeline (JPEG folder, pretraining transform): {pipe['images_per_s']:.4g} images/s, "
+                    notes.append(f"- Run {run}: input pipeline (JPEG folder, pretraining transform) {pipe['images_per_s']:.4g} images/s, "
                                  f"**{q['value']:.3g}x** the fastest model of its run ({q['model']}).")
                 elif q["ratio"] == "keras AdamW update/ours":
                     ups = {r["method"]: r["median_step_s"] for r in here
                            if r["backend"] == q["backend"] and r["method"].startswith("update_")}
                     torch_part = (f", torch.optim.AdamW {ups['update_torch_adamw']:.3g} s"
                                   if "update_torch_adamw" in ups else "")
-                    notes.append(f"- One AdamW update of the MAE parameters ({q['backend']}): Keras' "
+                    notes.append(f"- Run {run}: one AdamW update of the MAE parameters ({q['backend']}): Keras' "
                                  f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
                                  f"{torch_part} (Keras/recipe {q['value']:.3g}x).")
         batch = next((r["batch"] for r in everything if r["config"] == config and r.get("batch")), None)
         lines += [f"## {describe_config(config, batch)}", ""]
         if rows:
-            head = ["backend", "jit_compile", "dtype"] + [f"{n} images/s" for n in METHOD_NAMES.values()] + [
+            head = ["run", "backend", "jit_compile", "dtype"] + [f"{n} images/s" for n in METHOD_NAMES.values()] + [
                 "MAE TFLOP/s"] + (["MAE MFU"] if has_mfu else []) + [
                 "LC-MAE/MAE step", "MAE/AE step", "HF ViTMAE images/s, same run and dtype", "ours/HF", "peak RSS MB"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
