@@ -447,8 +447,8 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
 # the optimizer or pipeline ones).
 SUITES = {
     "cpu": (  # README "Speed" on a CPU machine (about 40 min on 2 cores)
-        # ours against HF: MAE alone in its process, as HF's is (another model
-        # interleaved in the same process slowed MAE by 7-30 % on this CPU)
+        # ours against HF: MAE alone in its process, as HF's is (the same
+        # conditions; the method ratios come from the runs below)
         dict(configs="tiny32", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
              rounds=2, steps=10),
         dict(configs="base224", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
