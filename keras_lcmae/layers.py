@@ -15,19 +15,20 @@ from keras_lcmae.ops import patchify, to_2tuple
 LAYER_NORM_EPSILON = 1e-6
 
 
-def _dense(units, name, use_bias=True):
+def _dense(units, name, use_bias=True, dtype=None):
     return keras.layers.Dense(
         units,
         use_bias=use_bias,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         name=name,
+        dtype=dtype,
     )
 
 
-def layer_norm(name, epsilon=LAYER_NORM_EPSILON):
+def layer_norm(name, epsilon=LAYER_NORM_EPSILON, dtype=None):
     """LayerNorm with the MAE epsilon (Keras' default of 1e-3 is not MAE's)."""
-    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
@@ -138,8 +139,10 @@ class Attention(keras.layers.Layer):
         self.num_heads = int(num_heads)
         self.qkv_bias = bool(qkv_bias)
         self.head_dim = self.hidden_dim // self.num_heads
-        self.qkv = _dense(3 * self.hidden_dim, "qkv", use_bias=self.qkv_bias)
-        self.proj = _dense(self.hidden_dim, "proj")
+        # sublayers share this layer's dtype policy: ``call`` runs them by
+        # their ``call`` inside this layer's autocast scope (Block.call says why)
+        self.qkv = _dense(3 * self.hidden_dim, "qkv", use_bias=self.qkv_bias, dtype=self.dtype_policy)
+        self.proj = _dense(self.hidden_dim, "proj", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         self.qkv.build((None, None, self.hidden_dim))
@@ -148,11 +151,11 @@ class Attention(keras.layers.Layer):
 
     def call(self, x, return_attention=False):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (b, t, 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(self.qkv.call(x), (b, t, 3, self.num_heads, self.head_dim))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
         if not return_attention and fused_attention_is_fast(q):
             out = ops.dot_product_attention(q, k, v)
-            return self.proj(ops.reshape(out, (b, t, self.hidden_dim)))
+            return self.proj.call(ops.reshape(out, (b, t, self.hidden_dim)))
         q = ops.transpose(q, (0, 2, 1, 3))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
@@ -162,7 +165,7 @@ class Attention(keras.layers.Layer):
         else:  # the speed path: scale the (smaller) queries; PyTorch's 16-bit CPU softmax accumulates in float32
             attn = ops.softmax(ops.matmul(q * ops.cast(self.head_dim**-0.5, q.dtype), ops.transpose(k, (0, 1, 3, 2))), axis=-1)
         out = ops.matmul(ops.cast(attn, v.dtype), v)  # (B, H, T, Dh)
-        out = self.proj(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim)))
+        out = self.proj.call(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim)))
         return (out, attn) if return_attention else out
 
     def get_config(self):
@@ -199,12 +202,13 @@ class Block(keras.layers.Layer):
         self.drop_path = float(drop_path)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.mlp_dim = int(self.hidden_dim * self.mlp_ratio)
-        self.norm1 = layer_norm("norm1", self.layer_norm_epsilon)
-        self.attn = Attention(self.hidden_dim, self.num_heads, self.qkv_bias, name="attn")
-        self.norm2 = layer_norm("norm2", self.layer_norm_epsilon)
-        self.fc1 = _dense(self.mlp_dim, "fc1")
-        self.fc2 = _dense(self.hidden_dim, "fc2")
-        self.drop_path_layer = DropPath(self.drop_path, name="drop_path")
+        policy = self.dtype_policy  # shared by the sublayers, which call() runs directly
+        self.norm1 = layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
+        self.attn = Attention(self.hidden_dim, self.num_heads, self.qkv_bias, name="attn", dtype=policy)
+        self.norm2 = layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
+        self.fc1 = _dense(self.mlp_dim, "fc1", dtype=policy)
+        self.fc2 = _dense(self.hidden_dim, "fc2", dtype=policy)
+        self.drop_path_layer = DropPath(self.drop_path, name="drop_path", dtype=policy)
 
     def build(self, input_shape):
         shape = (None, None, self.hidden_dim)
@@ -214,14 +218,20 @@ class Block(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=None, return_attention=False):
-        h = self.norm1(x)
+        # The sublayers run by their ``call``, inside this block's ``__call__``
+        # (which casts the input and opens the mixed-precision autocast scope
+        # that casts their variables): the same operations and results, bit
+        # for bit, without Keras' per-call bookkeeping. On PyTorch in bf16 that
+        # made the tiny32 MAE step 6-10 % faster and ViT-B's 3 % (A/B
+        # interleaved in one process).
+        h = self.norm1.call(x)
         if return_attention:
-            h, attn = self.attn(h, return_attention=True)
+            h, attn = self.attn.call(h, return_attention=True)
         else:
-            h = self.attn(h)
-        x = x + self.drop_path_layer(h, training=training)
-        h = self.fc2(keras.activations.gelu(self.fc1(self.norm2(x)), approximate=False))
-        x = x + self.drop_path_layer(h, training=training)
+            h = self.attn.call(h)
+        x = x + self.drop_path_layer.call(h, training=training)
+        h = self.fc2.call(keras.activations.gelu(self.fc1.call(self.norm2.call(x)), approximate=False))
+        x = x + self.drop_path_layer.call(h, training=training)
         return (x, attn) if return_attention else x
 
     def get_config(self):

@@ -254,7 +254,7 @@ def test_suites_plan_the_readme_figures():
         jobs |= set(benchmark.section_jobs(benchmark.section_plan(defaults, spec)))
     for need in [("tiny32", "mae", "hf_torch", "off", "bfloat16"), ("tiny32", "mae,lcmae,ae", "torch", "auto", "bfloat16"),
                  ("tiny32", "mae,lcmae,ae", "tensorflow", "on", "float32"), ("tiny32", "mae,lcmae,ae", "jax", "auto", "float32"),
-                 ("base224", "mae,ae", "torch", "auto", "bfloat16"), ("base224", "mae", "hf_torch", "off", "float32"),
+                 ("base224", "mae,lcmae,ae", "torch", "auto", "bfloat16"), ("base224", "mae", "hf_torch", "off", "float32"),
                  ("base224", "mae", "tensorflow", "off", "bfloat16"), ("base224", "mae", "jax", "auto", "bfloat16"),
                  ("base224", "pipeline", "pipeline", "off", "float32"), ("base224", "optimizer", "torch", "auto", "float32")]:
         assert need in jobs, need

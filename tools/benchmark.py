@@ -458,7 +458,7 @@ SUITES = {
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
              steps=6),
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", steps=6),
-        dict(configs="base224", methods="mae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=4),
+        dict(configs="base224", methods="mae,lcmae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=4),
         dict(configs="base224", methods="mae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
              warmup=1, steps=3),
         dict(configs="base224", methods="mae", backends="jax", dtype="float32,bfloat16", warmup=1, steps=3),
