@@ -212,7 +212,11 @@ class Block(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = (None, None, self.hidden_dim)
-        for layer in (self.norm1, self.attn, self.norm2, self.fc1):
+        # every sublayer, drop path too: ``call`` never runs them through
+        # ``__call__`` (which would mark them built), and one unbuilt layer
+        # makes Keras' train_on_batch/fit re-run the model symbolically, on
+        # PyTorch a second full forward pass, at every step
+        for layer in (self.norm1, self.attn, self.norm2, self.fc1, self.drop_path_layer):
             layer.build(shape)
         self.fc2.build((None, None, self.mlp_dim))
         self.built = True

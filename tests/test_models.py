@@ -380,3 +380,45 @@ def test_previous_gradients_are_freed_before_the_forward():
         seen.clear()
         model.train_on_batch(*data)
         assert seen and not any(seen), (type(model).__name__, seen)
+
+
+@pytest.mark.parametrize("kind", ["mae", "lcmae", "ae_gaussian", "mae_conv", "classifier"])
+def test_a_training_step_runs_the_model_once_and_leaves_nothing_unbuilt(kind):
+    """Blocks run their sublayers by ``call``, past Keras' ``__call__``, which
+    is what marks a layer built; one unbuilt layer (drop path once was) makes
+    Keras' train_on_batch and fit re-run the whole model symbolically at
+    every step (on PyTorch a second full forward). After a step every layer
+    is built, and on PyTorch (eager steps) the model's ``call`` ran once."""
+    from keras_lcmae import LCMAE, AutoEncoder, ConvDecoder, GaussianAverageDecoder
+    from keras_lcmae.classifier import ViTClassifier
+
+    encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2,
+                         drop_path_rate=0.1)
+    x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+    data, loss = (x,), None
+    if kind == "mae":
+        model = MAE(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2), seed=0)
+    elif kind == "lcmae":
+        model = LCMAE(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2), projector_dim=16, seed=0)
+    elif kind == "ae_gaussian":
+        model = AutoEncoder(encoder, GaussianAverageDecoder(hidden_dim=32))
+    elif kind == "mae_conv":
+        model = MAE(encoder, ConvDecoder(hidden_dim=32), seed=0)
+    else:
+        model = ViTClassifier(encoder, num_classes=2)
+        data, loss = (x, np.array([0, 1, 0, 1])), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss)
+    model.train_on_batch(*data)
+    unbuilt = [layer.path for layer in model._flatten_layers(include_self=True) if not layer.built]
+    assert unbuilt == []
+    if keras.backend.backend() == "torch":
+        calls = []
+        call = model.call
+
+        def spy(*args, **kwargs):
+            calls.append(1)
+            return call(*args, **kwargs)
+
+        model.call = spy
+        model.train_on_batch(*data)
+        assert len(calls) == 1
