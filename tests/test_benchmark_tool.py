@@ -67,6 +67,7 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
     torch_mae = {r["dtype"]: r for r in records if r["backend"] == "torch" and r["method"] == "mae"}
     hf = {r["dtype"]: r for r in records if r["backend"] == "hf_torch"}
     assert set(torch_mae) == set(hf) == {"float32", "bfloat16"}
+    assert all(r["optimizer"] == "torch.optim.AdamW (fused)" for r in hf.values())  # transformers' Trainer default
     for dtype in hf:
         assert ratios[("ours/hf_torch images_per_s (same dtype)", "torch", dtype)] == pytest.approx(
             torch_mae[dtype]["images_per_s"] / hf[dtype]["images_per_s"], rel=1e-2)
@@ -76,9 +77,9 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
     assert "Jobs that failed" not in text
     rows = _table_rows(text, "test")
     by = {(r["backend"], r["dtype"]): r for r in rows}
+    hf_label = "HF ViTMAE (transformers, PyTorch eager, torch.optim.AdamW (fused))"
     assert set(by) == {("torch", "float32"), ("torch", "bfloat16"), ("tensorflow", "float32"),
-                       ("HF ViTMAE (transformers, PyTorch eager)", "float32"),
-                       ("HF ViTMAE (transformers, PyTorch eager)", "bfloat16 autocast")}
+                       (hf_label, "float32"), (hf_label, "bfloat16 autocast")}
     row = by[("tensorflow", "float32")]
     assert float(row["MAE images/s"]) == pytest.approx(runs["mae"]["images_per_s"], rel=1e-3)
     assert float(row["LC-MAE/MAE step"]) == pytest.approx(ratios[("lcmae_step/mae_step", *tf)], abs=1e-3)
@@ -248,7 +249,8 @@ def test_suites_plan_the_readme_figures():
 
     defaults = argparse.Namespace(configs="tiny32", methods="mae,lcmae", backends="tensorflow,jax,torch", jit="auto",
                                   dtype="float32", reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3,
-                                  steps=10, batch=None, peak_tflops=None, pipeline_images=None)
+                                  steps=10, batch=None, peak_tflops=None, pipeline_images=None,
+                                  reference_optimizer="fused")
     jobs = set()
     for spec in benchmark.SUITES["cpu"]:
         jobs |= set(benchmark.section_jobs(benchmark.section_plan(defaults, spec)))
@@ -264,3 +266,45 @@ def test_suites_plan_the_readme_figures():
     gpu = [benchmark.section_plan(defaults, spec) for spec in benchmark.SUITES["gpu"]]
     assert gpu[0].configs == "base224" and gpu[0].dtype == "bfloat16" and gpu[0].reference and gpu[0].batch == 64
     assert benchmark.section_plan(argparse.Namespace(**dict(vars(defaults), batch=16)), benchmark.SUITES["gpu"][0]).batch == 16
+
+
+@pytest.mark.parametrize("choice, fused", [("fused", True), ("plain", None)])
+def test_reference_trains_with_the_adamw_its_users_get(monkeypatch, choice, fused):
+    """HF's ViTMAE is trained with transformers' Trainer default
+    (``adamw_torch_fused`` on torch >= 2.8) unless ``--reference_optimizer
+    plain`` asks for torch.optim.AdamW's own default; the optimizer steps."""
+    import argparse
+
+    import torch
+
+    made = []
+    real = torch.optim.AdamW
+
+    class Recording(real):
+        def __init__(self, params, **kwargs):
+            made.append(kwargs)
+            super().__init__(params, **kwargs)
+            self.steps = 0
+
+        def step(self, *a, **k):
+            self.steps += 1
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    args = argparse.Namespace(config="test", batch=2, dtype="float32", reference_optimizer=choice, warmup=1, steps=1)
+    times, batch = benchmark.reference_worker(args)
+    assert batch == 2 and len(times) == 1 and times[0] > 0
+    assert len(made) == 1 and made[0]["fused"] is fused
+    assert made[0]["betas"] == (0.9, 0.95) and made[0]["weight_decay"] == 0.05
+
+
+def test_reference_optimizer_flag_is_checked_and_reaches_a_suites_sections():
+    import argparse
+
+    given = argparse.Namespace(configs="tiny32", methods="mae", backends="torch", jit="auto", dtype="float32",
+                               reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3, steps=10,
+                               batch=None, peak_tflops=None, pipeline_images=None, reference_optimizer="plain")
+    assert all(benchmark.section_plan(given, spec).reference_optimizer == "plain" for spec in benchmark.SUITES["cpu"])
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--reference_optimizer", "sgd"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reference_optimizer" in bad.stderr and "invalid choice" in bad.stderr

@@ -345,7 +345,11 @@ def reference_worker(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = ViTMAEForPreTraining(hf_config(c)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    # "fused": transformers' Trainer default (``adamw_torch_fused`` on
+    # torch >= 2.8, as HF's run_mae.py trains ViTMAE); "plain":
+    # torch.optim.AdamW's own default (a per-tensor loop on the CPU)
+    fused = {"fused": True, "plain": None}[args.reference_optimizer]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
     x = torch.rand(c["batch"], 3, c["image"], c["image"], device=device)
     # bfloat16: the usual PyTorch mixed precision (float32 weights, autocast forward)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -407,6 +411,8 @@ def emit(args, method, times, batch, version):
         "peak_device_mb": round(device_mb, 1) if device_mb is not None else None,
         "version": version,
     }
+    if args.backend == "hf_torch":
+        rec["optimizer"] = f"torch.optim.AdamW ({args.reference_optimizer})"
     print(json.dumps(with_rates(rec, times)), flush=True)
 
 
@@ -424,11 +430,12 @@ def with_rates(rec, times):
     return rec
 
 
-def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256, batch=None, peak_tflops=None):
+def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256, batch=None, peak_tflops=None,
+          reference_optimizer="fused"):
     """Runs one worker process; returns its JSON records (one per method)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", config, "--methods", method,
            "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps),
-           "--pipeline_images", str(pipeline_images)]
+           "--pipeline_images", str(pipeline_images), "--reference_optimizer", reference_optimizer]
     if batch:
         cmd += ["--batch", str(batch)]
     if peak_tflops:
@@ -488,7 +495,7 @@ def section_plan(args, spec=None):
     """The flags of one section: ``args`` with ``spec`` over them (a suite's
     section; ``models`` is True unless the spec says otherwise); ``--batch``
     and ``--pipeline_images`` given on the command line win over the spec."""
-    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops")}
+    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer")}
     plan.update(models=True, pipeline_images=256)
     plan.update(spec or {})
     for key in ("batch", "pipeline_images"):
@@ -526,7 +533,8 @@ def run_section(plan):
     records, failed = [], []
     for r in range(plan.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
-            for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops):
+            for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops,
+                             plan.reference_optimizer):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
                     failed.append(rec)
@@ -603,7 +611,8 @@ def markdown_report(sections, command, when=None, failures=()):
                           _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f")]
                 rows.append(cells)
             for dtype, ref in refs.items():
-                cells = [run, "HF ViTMAE (transformers, PyTorch eager)", "", dtype + (" autocast" if dtype == "bfloat16" else ""),
+                label = f"HF ViTMAE (transformers, PyTorch eager, {ref.get('optimizer', 'torch.optim.AdamW')})"
+                cells = [run, label, "", dtype + (" autocast" if dtype == "bfloat16" else ""),
                          _fmt(ref["images_per_s"], ".4g"), "", "", _fmt(ref.get("tflops"), ".3g")]
                 if has_mfu:
                     cells.append(_fmt(ref.get("mfu"), ".1%"))
@@ -657,6 +666,9 @@ def main():
     parser.add_argument("--jit", default="auto", help="on, off, auto, or a comma list (e.g. on,off)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (mixed), or a comma list")
     parser.add_argument("--reference", action="store_true", help="also time transformers' ViTMAE (torch) for mae")
+    parser.add_argument("--reference_optimizer", default="fused", choices=("fused", "plain"),
+                        help="the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
+                             ">= 2.8, default) or plain (torch.optim.AdamW's own default)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
     parser.add_argument("--pipeline_images", type=int, default=None, help="JPEG files made for --pipeline (default 256)")
@@ -688,7 +700,7 @@ def main():
         given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != parser.get_default(k)]
         if given:
             parser.error(f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
-                         "--pipeline_images and --markdown may be given)")
+                         "--pipeline_images, --reference_optimizer and --markdown may be given)")
     if args.worker:
         args.config, args.method, args.backend = args.configs, args.methods, args.backends
         args.pipeline_images = args.pipeline_images or 256
