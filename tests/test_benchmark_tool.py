@@ -308,3 +308,17 @@ def test_reference_optimizer_flag_is_checked_and_reaches_a_suites_sections():
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--reference_optimizer", "sgd"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--reference_optimizer" in bad.stderr and "invalid choice" in bad.stderr
+
+
+@pytest.mark.slow
+def test_optimizer_job_on_torch_times_keras_ours_and_both_torch_adamws():
+    """The PyTorch ``--optimizer`` job: Keras' AdamW, the recipe's, and
+    torch.optim.AdamW both as its own default and fused, each a positive
+    per-update time; the report names all four."""
+    records = benchmark.spawn("test", "optimizer", "torch", "auto", "float32", 1, 2)
+    times = {r["method"]: r["median_step_s"] for r in records}
+    assert set(times) == {"update_keras_adamw", "update_ours_adamw", "update_torch_adamw", "update_torch_adamw_fused"}, records
+    assert all(t > 0 for t in times.values())
+    text = benchmark.markdown_report([(records, benchmark.ratios(records))], command="x")
+    assert (f"torch.optim.AdamW {times['update_torch_adamw']:.3g} s (fused: {times['update_torch_adamw_fused']:.3g} s)"
+            in text)

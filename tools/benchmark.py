@@ -235,8 +235,9 @@ def keras_worker(args, methods):
 def optimizer_worker(args):
     """One AdamW update of the config's MAE parameters (random gradients):
     ``keras.optimizers.AdamW`` against ``keras_lcmae.optim.AdamW`` (the
-    recipe's), interleaved; on PyTorch also ``torch.optim.AdamW`` (its CPU
-    default, a per-parameter loop). Step times are per update."""
+    recipe's), interleaved; on PyTorch also ``torch.optim.AdamW``, its own
+    default (a per-parameter loop on the CPU) and ``fused=True`` (the kernel
+    the recipe's runs there). Step times are per update."""
     import keras
     import numpy as np
 
@@ -257,11 +258,12 @@ def optimizer_worker(args):
     if keras.backend.backend() == "torch":
         import torch
 
-        params = [torch.nn.Parameter(v.value.detach().clone()) for v in variables]
-        for p, g in zip(params, grads):
-            p.grad = g
-        topt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-        updates["update_torch_adamw"] = topt.step
+        for name, fused in (("update_torch_adamw", None), ("update_torch_adamw_fused", True)):
+            params = [torch.nn.Parameter(v.value.detach().clone()) for v in variables]
+            for p, g in zip(params, grads):
+                p.grad = g
+            topt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+            updates[name] = topt.step
     times = {name: [] for name in updates}
     for _ in range(args.warmup):
         for fn in updates.values():
@@ -631,6 +633,8 @@ def markdown_report(sections, command, when=None, failures=()):
                            if r["backend"] == q["backend"] and r["method"].startswith("update_")}
                     torch_part = (f", torch.optim.AdamW {ups['update_torch_adamw']:.3g} s"
                                   if "update_torch_adamw" in ups else "")
+                    if "update_torch_adamw_fused" in ups:
+                        torch_part += f" (fused: {ups['update_torch_adamw_fused']:.3g} s)"
                     notes.append(f"- Run {run}: one AdamW update of the MAE parameters ({q['backend']}): Keras' "
                                  f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
                                  f"{torch_part} (Keras/recipe {q['value']:.3g}x).")
