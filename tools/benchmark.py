@@ -11,7 +11,8 @@ device, the model FLOPs per image of a training step, the achieved TFLOP/s,
 the model-FLOP utilisation against the device's peak where it is known (bf16
 on the NVIDIA GPUs of ``GPU_PEAK_BF16_TFLOPS``, or ``--peak_tflops``) and, on
 a GPU, the peak device memory; the HF reference runs on the GPU when PyTorch
-sees one.
+sees one, trained with transformers' ``Trainer`` default optimizer (fused
+``torch.optim.AdamW``; ``--reference_optimizer plain`` for torch's own).
 
     python tools/benchmark.py --configs tiny32 --methods mae,lcmae --backends tensorflow,jax,torch
     python tools/benchmark.py --configs base224 --methods mae --reference
