@@ -241,16 +241,21 @@ def test_markdown_report_keeps_each_sections_ratios():
     assert text.count("Run 1: best ours / best HF ViTMAE **2.000x**") == 1 and text.count("Run 2: best ours / best HF ViTMAE **4.000x**") == 1
 
 
+def _cli_defaults(**given):
+    """The command line's flags as ``main`` parses them with none given, then ``given``."""
+    import argparse
+
+    flags = dict(configs="tiny32", methods="mae,lcmae", backends="tensorflow,jax,torch", jit="auto", dtype="float32",
+                 reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3, steps=10, batch=None,
+                 peak_tflops=None, pipeline_images=None, reference_optimizer="fused")
+    return argparse.Namespace(**dict(flags, **given))
+
+
 def test_suites_plan_the_readme_figures():
     """The cpu suite's sections give every row the README's table needs; the
     gpu suite times ViT-B/16 in bf16 at a GPU batch against HF; --batch
     given on the command line wins over a section's."""
-    import argparse
-
-    defaults = argparse.Namespace(configs="tiny32", methods="mae,lcmae", backends="tensorflow,jax,torch", jit="auto",
-                                  dtype="float32", reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3,
-                                  steps=10, batch=None, peak_tflops=None, pipeline_images=None,
-                                  reference_optimizer="fused")
+    defaults = _cli_defaults()
     jobs = set()
     for spec in benchmark.SUITES["cpu"]:
         jobs |= set(benchmark.section_jobs(benchmark.section_plan(defaults, spec)))
@@ -265,7 +270,7 @@ def test_suites_plan_the_readme_figures():
     assert all(spec["methods"] == "mae" for spec in benchmark.SUITES["cpu"] if spec.get("reference"))
     gpu = [benchmark.section_plan(defaults, spec) for spec in benchmark.SUITES["gpu"]]
     assert gpu[0].configs == "base224" and gpu[0].dtype == "bfloat16" and gpu[0].reference and gpu[0].batch == 64
-    assert benchmark.section_plan(argparse.Namespace(**dict(vars(defaults), batch=16)), benchmark.SUITES["gpu"][0]).batch == 16
+    assert benchmark.section_plan(_cli_defaults(batch=16), benchmark.SUITES["gpu"][0]).batch == 16
 
 
 @pytest.mark.parametrize("choice, fused", [("fused", True), ("plain", None)])
@@ -282,7 +287,8 @@ def test_reference_trains_with_the_adamw_its_users_get(monkeypatch, choice, fuse
 
     class Recording(real):
         def __init__(self, params, **kwargs):
-            made.append(kwargs)
+            made.append(self)
+            self.kwargs = kwargs
             super().__init__(params, **kwargs)
             self.steps = 0
 
@@ -294,16 +300,13 @@ def test_reference_trains_with_the_adamw_its_users_get(monkeypatch, choice, fuse
     args = argparse.Namespace(config="test", batch=2, dtype="float32", reference_optimizer=choice, warmup=1, steps=1)
     times, batch = benchmark.reference_worker(args)
     assert batch == 2 and len(times) == 1 and times[0] > 0
-    assert len(made) == 1 and made[0]["fused"] is fused
-    assert made[0]["betas"] == (0.9, 0.95) and made[0]["weight_decay"] == 0.05
+    assert len(made) == 1 and made[0].kwargs["fused"] is fused
+    assert made[0].kwargs["betas"] == (0.9, 0.95) and made[0].kwargs["weight_decay"] == 0.05
+    assert made[0].steps == 2  # one warm-up step, one timed
 
 
 def test_reference_optimizer_flag_is_checked_and_reaches_a_suites_sections():
-    import argparse
-
-    given = argparse.Namespace(configs="tiny32", methods="mae", backends="torch", jit="auto", dtype="float32",
-                               reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3, steps=10,
-                               batch=None, peak_tflops=None, pipeline_images=None, reference_optimizer="plain")
+    given = _cli_defaults(reference_optimizer="plain")
     assert all(benchmark.section_plan(given, spec).reference_optimizer == "plain" for spec in benchmark.SUITES["cpu"])
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--reference_optimizer", "sgd"],
                          capture_output=True, text=True)
