@@ -47,13 +47,15 @@ def main(argv):
     common.validate_common_flags()
     import keras
 
-    from keras_lcmae import LARS, ViTClassifier, data, extract_features
+    from keras_lcmae import LARS, ViTClassifier, cpu, data, extract_features
 
+    kept = bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
     keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
     encoder = common.build_encoder(channels)
     before = [w.copy() for w in encoder.get_weights()]
     steps, schedule, derived = common.lr_schedule(n_train, num_classes)
+    derived["freed_memory_kept"] = kept
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

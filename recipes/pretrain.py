@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
@@ -64,6 +64,8 @@ flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
 flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
 flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
+flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory (keras_lcmae.cpu.keep_freed_memory): a CPU step "
+                  "then stops page-faulting its activations in afresh; the process keeps its peak memory.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
 flags.DEFINE_enum(
     "strategy", "none", ["none", "mirrored", "multiworker", "tpu", "data_parallel"],
@@ -310,15 +312,19 @@ def main(argv):
     dist = setup_distribution()
     import keras
 
-    from keras_lcmae import optim
+    from keras_lcmae import cpu, optim
     from keras_lcmae.callbacks import pretrain_callbacks
 
     # Non-chief workers of a multi-worker run keep their own backups and logs.
     output_dir = FLAGS.output_dir if dist.is_chief else os.path.join(FLAGS.output_dir, "workers", dist.worker)
     os.makedirs(output_dir, exist_ok=True)
+    kept = bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision != "none":
         keras.config.set_dtype_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[FLAGS.mixed_precision])
+        slow = cpu.cpu_precision_warning(keras.config.dtype_policy())
+        if slow:
+            logging.warning("--mixed_precision=%s: %s", FLAGS.mixed_precision, slow)
     try:
         ds, n, channels, mean, std, skipped = build_dataset(FLAGS.batch_size)
     except (ValueError, OSError) as e:  # missing / empty / unreadable data
@@ -333,7 +339,7 @@ def main(argv):
     schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
     derived = dict(
         lr=lr, patch_size=FLAGS.patch_size, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n,
-        replicas=dist.num_replicas, per_replica_batch=FLAGS.batch_size // dist.num_replicas,
+        replicas=dist.num_replicas, per_replica_batch=FLAGS.batch_size // dist.num_replicas, freed_memory_kept=kept,
     )
     print(json.dumps({"derived": derived}), flush=True)
 

@@ -68,6 +68,9 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
     hf = {r["dtype"]: r for r in records if r["backend"] == "hf_torch"}
     assert set(torch_mae) == set(hf) == {"float32", "bfloat16"}
     assert all(r["optimizer"] == "torch.optim.AdamW (fused)" for r in hf.values())  # transformers' Trainer default
+    # ours with the recipes' malloc settings (on glibc), HF with glibc's own
+    assert all(r["allocator"] == "default" for r in hf.values())
+    assert {r["allocator"] for r in records if r["backend"] != "hf_torch"} <= {"tuned", "default (not glibc)"}
     for dtype in hf:
         assert ratios[("ours/hf_torch images_per_s (same dtype)", "torch", dtype)] == pytest.approx(
             torch_mae[dtype]["images_per_s"] / hf[dtype]["images_per_s"], rel=1e-2)
@@ -77,7 +80,7 @@ def test_benchmark_suite_reports_methods_pipeline_ratios_and_markdown(tmp_path):
     assert "Jobs that failed" not in text
     rows = _table_rows(text, "test")
     by = {(r["backend"], r["dtype"]): r for r in rows}
-    hf_label = "HF ViTMAE (transformers, PyTorch eager, torch.optim.AdamW (fused))"
+    hf_label = "HF ViTMAE (transformers, PyTorch eager, torch.optim.AdamW (fused), default malloc)"
     assert set(by) == {("torch", "float32"), ("torch", "bfloat16"), ("tensorflow", "float32"),
                        (hf_label, "float32"), (hf_label, "bfloat16 autocast")}
     row = by[("tensorflow", "float32")]
@@ -247,7 +250,8 @@ def _cli_defaults(**given):
 
     flags = dict(configs="tiny32", methods="mae,lcmae", backends="tensorflow,jax,torch", jit="auto", dtype="float32",
                  reference=False, pipeline=False, optimizer=False, rounds=1, warmup=3, steps=10, batch=None,
-                 peak_tflops=None, pipeline_images=None, reference_optimizer="fused")
+                 peak_tflops=None, pipeline_images=None, reference_optimizer="fused", allocator="tuned",
+                 reference_allocator="default")
     return argparse.Namespace(**dict(flags, **given))
 
 
@@ -325,3 +329,53 @@ def test_optimizer_job_on_torch_times_keras_ours_and_both_torch_adamws():
     text = benchmark.markdown_report([(records, benchmark.ratios(records))], command="x")
     assert (f"torch.optim.AdamW {times['update_torch_adamw']:.3g} s (fused: {times['update_torch_adamw_fused']:.3g} s)"
             in text)
+
+
+def test_allocator_flags_reach_a_suites_sections_and_the_workers_malloc():
+    """``--allocator`` / ``--reference_allocator`` go into every section and
+    every worker; ``tune_allocator`` applies keras_lcmae.cpu's settings
+    without importing Keras (the HF worker stays Keras-free)."""
+    given = _cli_defaults(allocator="default", reference_allocator="tuned")
+    plans = [benchmark.section_plan(given, spec) for spec in benchmark.SUITES["cpu"]]
+    assert all(p.allocator == "default" and p.reference_allocator == "tuned" for p in plans)
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--allocator", "jemalloc"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--allocator" in bad.stderr and "invalid choice" in bad.stderr
+    probe = ("import sys; sys.path.insert(0, 'tools'); import benchmark; "
+             "print(benchmark.tune_allocator('default'), benchmark.tune_allocator('tuned'), 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    default, tuned, keras_loaded = out.stdout.split()
+    assert default == "default" and tuned in ("tuned", "default (not glibc)") and keras_loaded == "False"
+
+
+def test_cpu_name_names_the_widest_matrix_isa(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu fma avx2\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu fma avx2\n")
+    cores = len(os.sched_getaffinity(0))
+    assert benchmark.cpu_name(str(path)) == f"cpu: AMD EPYC ({cores} cores, avx2)"
+    path.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert benchmark.cpu_name(str(path)) == f"cpu: Xeon ({cores} cores, amx_bf16)"
+    path.write_text("model name\t: EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    assert benchmark.cpu_name(str(path)) == f"cpu: EPYC 9B14 ({cores} cores, avx512_bf16)"
+    assert benchmark.cpu_name(str(tmp_path / "missing")) == f"cpu: unknown ({cores} cores)"
+
+
+def test_cpu_suite_times_float32_only_on_a_cpu_that_emulates_bf16(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("flags\t\t: fpu avx2 fma\n")
+    assert benchmark.cpu_has_native_bf16(str(path)) is False
+    path.write_text("flags\t\t: avx2 avx512f avx512_bf16\n")
+    assert benchmark.cpu_has_native_bf16(str(path)) is True
+    assert benchmark.cpu_has_native_bf16(str(tmp_path / "missing")) is None
+    full, none = benchmark.suite_specs("cpu", True)
+    assert none is None and full == benchmark.SUITES["cpu"] and any("bfloat16" in s.get("dtype", "") for s in full)
+    assert benchmark.suite_specs("cpu", None) == (full, None)  # unknown CPU: the whole suite
+    cut, note = benchmark.suite_specs("cpu", False)
+    assert "bfloat16 left out" in note and len(cut) == len(full)
+    for old, new in zip(full, cut):
+        assert new == (dict(old, dtype="float32") if "bfloat16" in old.get("dtype", "") else old)
+    assert benchmark.suite_specs("gpu", False) == (benchmark.SUITES["gpu"], None)  # a GPU computes there
+    text = benchmark.markdown_report([], command="x", note=note)
+    assert note in text

@@ -185,3 +185,28 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
     assert final["epochs_run"] == len(ends) == len(history["lr"])
     assert history["lr"] == pytest.approx([lr(t) for t in ends], abs=1e-9)
     assert not os.path.exists(backup)  # a finished run removes its backup
+
+
+def test_bf16_on_a_cpu_without_it_warns_and_the_allocator_is_reported(tmp_path):
+    """--mixed_precision=bf16 logs the slow-CPU warning exactly when this
+    machine's CPU lacks native bf16 (the TensorFlow backend computes on the
+    CPU here); the run's derived figures say whether freed memory is kept,
+    which --nokeep_freed_memory turns off."""
+    from keras_lcmae.cpu import cpu_precision_warning
+
+    result = run(*TINY, "--mixed_precision=bf16", "--dry_run", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = cpu_precision_warning("mixed_bfloat16", on_cpu=True)
+    assert ("--mixed_precision=bf16: dtype policy 'mixed_bfloat16' computes in bfloat16 on a CPU without native"
+            in result.stderr) == (expected is not None)
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["freed_memory_kept"] is _glibc()
+    result = run(*TINY, "--nokeep_freed_memory", "--dry_run", f"--output_dir={tmp_path}")
+    assert result.returncode == 0 and "computes in bfloat16" not in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["freed_memory_kept"] is False
+
+
+def _glibc():
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

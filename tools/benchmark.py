@@ -13,6 +13,10 @@ on the NVIDIA GPUs of ``GPU_PEAK_BF16_TFLOPS``, or ``--peak_tflops``) and, on
 a GPU, the peak device memory; the HF reference runs on the GPU when PyTorch
 sees one, trained with transformers' ``Trainer`` default optimizer (fused
 ``torch.optim.AdamW``; ``--reference_optimizer plain`` for torch's own).
+Our workers run with the host allocator the recipes set
+(``keras_lcmae.cpu.keep_freed_memory``; ``--allocator default`` for glibc's
+own), the HF reference with glibc's own, as transformers leaves it
+(``--reference_allocator tuned`` gives it ours); records name theirs.
 
     python tools/benchmark.py --configs tiny32 --methods mae,lcmae --backends tensorflow,jax,torch
     python tools/benchmark.py --configs base224 --methods mae --reference
@@ -133,15 +137,49 @@ def peak_tflops_for(device, dtype, override=None):
     return None
 
 
-def cpu_name():
-    name = "unknown"
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU has bf16 matrix instructions (x86 AVX-512 BF16 or AMX,
+    Arm BF16); None when cpuinfo has no flags line."""
     try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        with open(cpuinfo) as f:
+            flags = next((set(line.partition(":")[2].split()) for line in f
+                          if line.partition(":")[0].strip() in ("flags", "Features")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def suite_specs(name, native_bf16=True):
+    """The sections of suite ``name`` and a note (or None). On a CPU without
+    native bf16 the cpu suite times float32 only: there PyTorch emulates bf16
+    at ~16x the float32 step (keras_lcmae.cpu), which would stretch the
+    suite to hours and measure the emulation, not the library."""
+    specs = SUITES[name]
+    if name != "cpu" or native_bf16 is not False:
+        return specs, None
+    specs = tuple(dict(spec, dtype="float32") if "bfloat16" in spec.get("dtype", "") else spec for spec in specs)
+    return specs, ("bfloat16 left out: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 cpuinfo "
+                   "flag), where it is emulated; every section runs in float32.")
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """``"cpu: <model> (<n> cores, <widest matrix ISA>)"``: the ISA (amx_bf16,
+    avx512_bf16, avx512f, avx2) decides what bf16 and float32 cost, so it is
+    named; it is left out where cpuinfo has no flags line."""
+    name, flags = "unknown", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu: {name} ({cores} cores)"
+    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), None)
+    return f"cpu: {name} ({cores} cores{', ' + isa if isa else ''})"
 
 
 def device_and_memory(backend):
@@ -368,8 +406,24 @@ def reference_worker(args):
     return time_steps(step, args.warmup, args.steps), c["batch"]
 
 
+def tune_allocator(setting):
+    """Applies ``setting`` ("tuned": ``keras_lcmae.cpu.keep_freed_memory``,
+    or "default") to this process's malloc; returns what the record says.
+    ``keras_lcmae/cpu.py`` is loaded as a file, so the HF worker does not
+    import Keras (and its backend) with it."""
+    if setting != "tuned":
+        return "default"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lcmae_cpu", os.path.join(ROOT, "keras_lcmae", "cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return "tuned" if module.keep_freed_memory() else "default (not glibc)"
+
+
 def worker(args):
     methods = args.method.split(",")
+    args.allocator_applied = tune_allocator(args.reference_allocator if args.backend == "hf_torch" else args.allocator)
     if args.backend == "pipeline":
         import tensorflow as tf
 
@@ -413,6 +467,7 @@ def emit(args, method, times, batch, version):
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_device_mb": round(device_mb, 1) if device_mb is not None else None,
         "version": version,
+        "allocator": args.allocator_applied,
     }
     if args.backend == "hf_torch":
         rec["optimizer"] = f"torch.optim.AdamW ({args.reference_optimizer})"
@@ -434,11 +489,12 @@ def with_rates(rec, times):
 
 
 def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256, batch=None, peak_tflops=None,
-          reference_optimizer="fused"):
+          reference_optimizer="fused", allocator="tuned", reference_allocator="default"):
     """Runs one worker process; returns its JSON records (one per method)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", config, "--methods", method,
            "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps),
-           "--pipeline_images", str(pipeline_images), "--reference_optimizer", reference_optimizer]
+           "--pipeline_images", str(pipeline_images), "--reference_optimizer", reference_optimizer,
+           "--allocator", allocator, "--reference_allocator", reference_allocator]
     if batch:
         cmd += ["--batch", str(batch)]
     if peak_tflops:
@@ -498,7 +554,8 @@ def section_plan(args, spec=None):
     """The flags of one section: ``args`` with ``spec`` over them (a suite's
     section; ``models`` is True unless the spec says otherwise); ``--batch``
     and ``--pipeline_images`` given on the command line win over the spec."""
-    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer")}
+    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer", "allocator",
+                                                       "reference_allocator")}
     plan.update(models=True, pipeline_images=256)
     plan.update(spec or {})
     for key in ("batch", "pipeline_images"):
@@ -537,7 +594,7 @@ def run_section(plan):
     for r in range(plan.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
             for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops,
-                             plan.reference_optimizer):
+                             plan.reference_optimizer, plan.allocator, plan.reference_allocator):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
                     failed.append(rec)
@@ -564,7 +621,7 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
-def markdown_report(sections, command, when=None, failures=()):
+def markdown_report(sections, command, when=None, failures=(), note=None):
     """Markdown tables of the figures of ``sections`` (a list of
     ``(results, ratios)``, one per section, as :func:`run_section` returns),
     one table per config, naming the machine, the versions and the command.
@@ -585,6 +642,8 @@ def markdown_report(sections, command, when=None, failures=()):
              "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds). A run is one "
              "section of the plan (its own processes and rounds); every ratio is taken within one run, and the "
              "methods of a row share one process, steps interleaved. Peak RSS: the row's largest process.", ""]
+    if note:
+        lines += [note, ""]
     configs = list(dict.fromkeys(r["config"] for r in everything))
     for config in configs:
         rows, notes = [], []
@@ -614,7 +673,8 @@ def markdown_report(sections, command, when=None, failures=()):
                           _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f")]
                 rows.append(cells)
             for dtype, ref in refs.items():
-                label = f"HF ViTMAE (transformers, PyTorch eager, {ref.get('optimizer', 'torch.optim.AdamW')})"
+                label = f"HF ViTMAE (transformers, PyTorch eager, {ref.get('optimizer', 'torch.optim.AdamW')}"
+                label += f", {ref['allocator']} malloc)" if ref.get("allocator") else ")"
                 cells = [run, label, "", dtype + (" autocast" if dtype == "bfloat16" else ""),
                          _fmt(ref["images_per_s"], ".4g"), "", "", _fmt(ref.get("tflops"), ".3g")]
                 if has_mfu:
@@ -674,6 +734,12 @@ def main():
     parser.add_argument("--reference_optimizer", default="fused", choices=("fused", "plain"),
                         help="the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
                              ">= 2.8, default) or plain (torch.optim.AdamW's own default)")
+    parser.add_argument("--allocator", default="tuned", choices=("tuned", "default"),
+                        help="our workers' malloc: tuned (keras_lcmae.cpu.keep_freed_memory, as the recipes run, "
+                             "default) or default (glibc's own)")
+    parser.add_argument("--reference_allocator", default="default", choices=("default", "tuned"),
+                        help="the HF reference's malloc: default (glibc's own, as transformers leaves it) or tuned "
+                             "(the same as ours)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
     parser.add_argument("--pipeline_images", type=int, default=None, help="JPEG files made for --pipeline (default 256)")
@@ -705,17 +771,19 @@ def main():
         given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != parser.get_default(k)]
         if given:
             parser.error(f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
-                         "--pipeline_images, --reference_optimizer and --markdown may be given)")
+                         "--pipeline_images, --reference_optimizer, --allocator, --reference_allocator and --markdown may be given)")
     if args.worker:
         args.config, args.method, args.backend = args.configs, args.methods, args.backends
         args.pipeline_images = args.pipeline_images or 256
         worker(args)
         return
-    specs = SUITES[args.suite] if args.suite else (None,)
+    specs, note = suite_specs(args.suite, cpu_has_native_bf16()) if args.suite else ((None,), None)
+    if note:
+        print(json.dumps({"note": note}), flush=True)
     sections = [run_section(section_plan(args, spec)) for spec in specs]
     if args.markdown:
         text = markdown_report([s[:2] for s in sections], command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
-                               failures=[f for s in sections for f in s[2]])
+                               failures=[f for s in sections for f in s[2]], note=note)
         if args.markdown == "-":
             print(text, end="")
         else:

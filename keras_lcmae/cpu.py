@@ -1,0 +1,158 @@
+"""Training on the CPU: the host allocator, and whether this processor
+multiplies 16-bit floats natively.
+
+**The allocator.** A training step frees and re-allocates the same
+activation-sized buffers (megabytes each) every step. glibc's ``malloc``
+serves blocks above its mmap threshold with fresh ``mmap`` pages and gives
+freed memory at the top of its heap back to the kernel, so each step
+page-faults and zero-fills its activations anew (~20 000 minor faults per
+tiny32 MAE step on PyTorch). :func:`keep_freed_memory` raises both
+thresholds, so freed blocks are reused; peak memory is unchanged, but the
+process keeps its high-water mark instead of handing memory back between
+steps. The recipes call it; ``tools/benchmark.py`` measures it.
+
+**16-bit floats.** bf16 and fp16 training only pay on a CPU with 16-bit
+matrix instructions (x86: AVX-512 BF16 / AVX512-FP16 or AMX; Arm: the BF16
+extension, half-precision SIMD). Without them the backends emulate them. On
+a 2-core AMD EPYC with AVX2 and no AVX-512 (``tools/benchmark.py``, tiny32
+MAE, median step) bf16 took 16x the float32 step on PyTorch (12.7 vs 0.79 s;
+HF ViTMAE under bf16 autocast 11.2 vs 0.74 s), 1.7x on TensorFlow and 1.2x
+on JAX; a PyTorch [1088, 192] x [192, 768] matmul took 4 ms in float32, 280
+ms in bf16 and 262 ms in fp16. On an EPYC with AVX-512 BF16, PyTorch bf16
+was the faster one (1.6-1.9x float32). :func:`cpu_precision_warning` says so
+before a run starts; the pretraining recipe logs it.
+"""
+
+import ctypes
+import ctypes.util
+import os
+
+# No module-level Keras import: tools/benchmark.py loads this file alone to
+# tune the allocator of its transformers (non-Keras) worker.
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# glibc refuses an mmap threshold above half its 64 MiB heap size on 64-bit
+MMAP_THRESHOLD_MAX = 32 << 20
+_INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory(mmap_threshold=MMAP_THRESHOLD_MAX, trim_threshold=_INT_MAX, top_pad=64 << 20):
+    """Makes glibc's ``malloc`` keep and reuse freed memory: blocks up to
+    ``mmap_threshold`` bytes come from the heap, and the heap is not trimmed
+    back to the kernel until ``trim_threshold`` bytes are free at its top
+    (``top_pad``: extra bytes per heap growth). Process-wide and lasting.
+
+    Returns the settings applied as a dict, or None where the C library is
+    not glibc (macOS, musl, Windows): nothing is changed there. Raises
+    ValueError for a setting glibc refuses (``mmap_threshold`` above
+    :data:`MMAP_THRESHOLD_MAX`).
+    """
+    settings = {"mmap_threshold": int(mmap_threshold), "trim_threshold": int(trim_threshold), "top_pad": int(top_pad)}
+    limits = {"mmap_threshold": MMAP_THRESHOLD_MAX, "trim_threshold": _INT_MAX, "top_pad": _INT_MAX}
+    for key, value in settings.items():  # all checked before any is applied
+        if not 0 <= value <= limits[key]:
+            raise ValueError(f"{key}={value}: glibc malloc takes 0 to {limits[key]} bytes")
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    params = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
+    for key, value in settings.items():
+        if mallopt(params[key], value) != 1:
+            raise ValueError(f"glibc malloc refused {key}={value}")
+    return settings
+
+# /proc/cpuinfo flags that give native 16-bit matrix arithmetic
+NATIVE_16BIT_FLAGS = {
+    "bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),  # x86 AVX-512 BF16, x86 AMX, Arm BF16 extension
+    "float16": ("avx512_fp16", "amx_fp16", "asimdhp"),  # x86 AVX512-FP16, x86 AMX-FP16, Arm half-precision SIMD
+}
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The first processor's feature flags (x86 ``flags``, Arm ``Features``)
+    as a frozenset, or None where ``path`` cannot be read (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def native_cpu_dtype(dtype, cpuinfo="/proc/cpuinfo"):
+    """True when the CPU multiplies ``dtype`` ("bfloat16" or "float16")
+    natively, False when it does not, None when unknown (``cpuinfo``
+    unreadable). Other dtypes (float32) are always native."""
+    import keras  # noqa: PLC0415
+
+    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype not in NATIVE_16BIT_FLAGS:
+        return True
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return None
+    return any(flag in flags for flag in NATIVE_16BIT_FLAGS[dtype])
+
+
+def backend_on_cpu():
+    """Whether the Keras backend computes on the CPU (no GPU or TPU in use)."""
+    import keras  # noqa: PLC0415
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch  # noqa: PLC0415
+
+        mps = getattr(torch.backends, "mps", None)
+        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    if backend == "jax":
+        import jax  # noqa: PLC0415
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return True
+
+
+def cpu_precision_warning(policy, cpuinfo="/proc/cpuinfo", on_cpu=None):
+    """A warning (str) when the dtype policy ``policy`` (a name such as
+    ``"mixed_bfloat16"`` or a ``keras.DTypePolicy``) computes in a 16-bit
+    float on a CPU without native support for it; None otherwise.
+
+    ``cpuinfo`` (the file the flags are read from) and ``on_cpu`` (default:
+    :func:`backend_on_cpu`) are arguments so that the check can be tested
+    anywhere.
+    """
+    import keras  # noqa: PLC0415
+
+    policy = keras.dtype_policies.get(policy) if isinstance(policy, str) else policy
+    compute = keras.backend.standardize_dtype(policy.compute_dtype)
+    if compute not in NATIVE_16BIT_FLAGS:
+        return None
+    on_cpu = backend_on_cpu() if on_cpu is None else on_cpu
+    if not on_cpu:
+        return None
+    if native_cpu_dtype(compute, cpuinfo) is not False:
+        return None
+    wanted = " or ".join(NATIVE_16BIT_FLAGS[compute])
+    return (
+        f"dtype policy {policy.name!r} computes in {compute} on a CPU without native {compute} arithmetic "
+        f"(none of the cpuinfo flags {wanted}; {os.cpu_count()} CPUs), where the backends emulate it: "
+        f"{_EMULATED[compute]}. Use float32 (--mixed_precision=none) on this machine."
+    )
+
+
+# what emulation cost on a 2-core AVX2 EPYC (see the module docstring)
+_EMULATED = {
+    "bfloat16": "tiny32 MAE took 16x the float32 step on PyTorch, 1.7x on TensorFlow, 1.2x on JAX",
+    "float16": "a PyTorch float16 matmul took 65x the float32 one",
+}
