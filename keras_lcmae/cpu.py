@@ -7,9 +7,11 @@ serves blocks above its mmap threshold with fresh ``mmap`` pages and gives
 freed memory at the top of its heap back to the kernel, so each step
 page-faults and zero-fills its activations anew (~20 000 minor faults per
 tiny32 MAE step on PyTorch). :func:`keep_freed_memory` raises both
-thresholds, so freed blocks are reused; peak memory is unchanged, but the
-process keeps its high-water mark instead of handing memory back between
-steps. The recipes call it; ``tools/benchmark.py`` measures it.
+thresholds, so freed blocks are reused, and the process keeps its
+high-water mark instead of handing memory back between steps. Our models'
+peak RSS stayed within 1 % (tiny32 1366 -> 1371 MB, base224 3278 -> 3285
+MB, PyTorch float32); a fixed threshold can fragment other programs' heaps
+more (HF ViTMAE base224: 2.7 -> 3.2 GB). The recipes call it; ``tools/benchmark.py`` measures it.
 
 **16-bit floats.** bf16 and fp16 training only pay on a CPU with 16-bit
 matrix instructions (x86: AVX-512 BF16 / AVX512-FP16 or AMX; Arm: the BF16
@@ -24,7 +26,6 @@ before a run starts; the pretraining recipe logs it.
 """
 
 import ctypes
-import ctypes.util
 import os
 
 # No module-level Keras import: tools/benchmark.py loads this file alone to
@@ -32,9 +33,23 @@ import os
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-# glibc refuses an mmap threshold above half its 64 MiB heap size on 64-bit
-MMAP_THRESHOLD_MAX = 32 << 20
+# glibc takes an mmap threshold up to half its heap size: 32 MiB on 64-bit
+# (64 MiB heaps), 512 KiB on 32-bit
+MMAP_THRESHOLD_MAX = (32 << 20) if ctypes.sizeof(ctypes.c_long) == 8 else (512 << 10)
 _INT_MAX = 2**31 - 1
+
+
+def _glibc_malloc():
+    """glibc, when it is the malloc this process runs, else None (not glibc:
+    macOS, musl, Windows; or another allocator such as jemalloc or tcmalloc
+    preloaded over glibc's)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+        used = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc if used == ctypes.cast(libc.malloc, ctypes.c_void_p).value else None
 
 
 def keep_freed_memory(mmap_threshold=MMAP_THRESHOLD_MAX, trim_threshold=_INT_MAX, top_pad=64 << 20):
@@ -43,28 +58,30 @@ def keep_freed_memory(mmap_threshold=MMAP_THRESHOLD_MAX, trim_threshold=_INT_MAX
     back to the kernel until ``trim_threshold`` bytes are free at its top
     (``top_pad``: extra bytes per heap growth). Process-wide and lasting.
 
-    Returns the settings applied as a dict, or None where the C library is
-    not glibc (macOS, musl, Windows): nothing is changed there. Raises
-    ValueError for a setting glibc refuses (``mmap_threshold`` above
-    :data:`MMAP_THRESHOLD_MAX`).
+    Returns the settings applied as a dict; None, changing nothing, where
+    this process's malloc is not glibc's (see :func:`_glibc_malloc`) or
+    glibc refuses the mmap threshold (a ``glibc.malloc.hugetlb`` tunable
+    shrinks its heaps). Raises ValueError for a setting outside 0 to its
+    limit (:data:`MMAP_THRESHOLD_MAX` for ``mmap_threshold``, 2**31 - 1 for
+    the others), before anything is applied.
     """
     settings = {"mmap_threshold": int(mmap_threshold), "trim_threshold": int(trim_threshold), "top_pad": int(top_pad)}
     limits = {"mmap_threshold": MMAP_THRESHOLD_MAX, "trim_threshold": _INT_MAX, "top_pad": _INT_MAX}
     for key, value in settings.items():  # all checked before any is applied
         if not 0 <= value <= limits[key]:
-            raise ValueError(f"{key}={value}: glibc malloc takes 0 to {limits[key]} bytes")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only
-    except (OSError, AttributeError, TypeError):
+            raise ValueError(f"{key}={value}: keep_freed_memory takes 0 to {limits[key]} bytes")
+    libc = _glibc_malloc()
+    if libc is None:
         return None
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    params = {"mmap_threshold": _M_MMAP_THRESHOLD, "trim_threshold": _M_TRIM_THRESHOLD, "top_pad": _M_TOP_PAD}
-    for key, value in settings.items():
-        if mallopt(params[key], value) != 1:
-            raise ValueError(f"glibc malloc refused {key}={value}")
+    # the mmap threshold first: if glibc refuses it, nothing has changed
+    if mallopt(_M_MMAP_THRESHOLD, settings["mmap_threshold"]) != 1:
+        return None
+    mallopt(_M_TRIM_THRESHOLD, settings["trim_threshold"])
+    mallopt(_M_TOP_PAD, settings["top_pad"])
     return settings
+
 
 # /proc/cpuinfo flags that give native 16-bit matrix arithmetic
 NATIVE_16BIT_FLAGS = {
@@ -108,10 +125,8 @@ def backend_on_cpu():
 
     backend = keras.backend.backend()
     if backend == "torch":
-        import torch  # noqa: PLC0415
-
-        mps = getattr(torch.backends, "mps", None)
-        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+        # where Keras puts a tensor (KERAS_TORCH_DEVICE, else mps, cuda, xpu)
+        return keras.ops.zeros(()).device.type == "cpu"
     if backend == "jax":
         import jax  # noqa: PLC0415
 

@@ -47,8 +47,9 @@ def define_common_flags(defaults):
     flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay.")
     flags.DEFINE_string("output_dir", d["output_dir"], "Run folder.")
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation and init.")
-    flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory (keras_lcmae.cpu.keep_freed_memory): a CPU step "
-                  "then stops page-faulting its activations in afresh; the process keeps its peak memory.")
+    flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory "
+                      "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
+                      "afresh; the process keeps its peak memory.")
 
 
 def validate_common_flags():

@@ -64,8 +64,9 @@ flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
 flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
 flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
-flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory (keras_lcmae.cpu.keep_freed_memory): a CPU step "
-                  "then stops page-faulting its activations in afresh; the process keeps its peak memory.")
+flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory "
+                  "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
+                  "afresh; the process keeps its peak memory.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
 flags.DEFINE_enum(
     "strategy", "none", ["none", "mirrored", "multiworker", "tpu", "data_parallel"],

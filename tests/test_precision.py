@@ -97,4 +97,3 @@ def test_block_sublayers_follow_the_blocks_own_dtype_policy(policy):
         assert keras.backend.standardize_dtype(got.dtype) == ("float32" if close else "bfloat16")
         err = np.abs(keras.ops.convert_to_numpy(keras.ops.cast(got, "float32")) - want).max()
         assert (err < 1e-5) if close else (err > 1e-3), (dtype, err)
-

@@ -137,16 +137,28 @@ def peak_tflops_for(device, dtype, override=None):
     return None
 
 
+_CPU_MODULE = []
+
+
+def cpu_module():
+    """``keras_lcmae/cpu.py`` loaded as a file: its allocator and cpuinfo
+    helpers without importing Keras (and a backend) into this process."""
+    if not _CPU_MODULE:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_lcmae_cpu", os.path.join(ROOT, "keras_lcmae", "cpu.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CPU_MODULE.append(module)
+    return _CPU_MODULE[0]
+
+
 def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU has bf16 matrix instructions (x86 AVX-512 BF16 or AMX,
     Arm BF16); None when cpuinfo has no flags line."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((set(line.partition(":")[2].split()) for line in f
-                          if line.partition(":")[0].strip() in ("flags", "Features")), None)
-    except OSError:
-        return None
-    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    cpu = cpu_module()
+    flags = cpu.cpu_flags(cpuinfo)
+    return None if flags is None else any(f in flags for f in cpu.NATIVE_16BIT_FLAGS["bfloat16"])
 
 
 def suite_specs(name, native_bf16=True):
@@ -409,16 +421,10 @@ def reference_worker(args):
 def tune_allocator(setting):
     """Applies ``setting`` ("tuned": ``keras_lcmae.cpu.keep_freed_memory``,
     or "default") to this process's malloc; returns what the record says.
-    ``keras_lcmae/cpu.py`` is loaded as a file, so the HF worker does not
-    import Keras (and its backend) with it."""
+    :func:`cpu_module` keeps Keras out of the HF worker."""
     if setting != "tuned":
         return "default"
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_lcmae_cpu", os.path.join(ROOT, "keras_lcmae", "cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return "tuned" if module.keep_freed_memory() else "default (not glibc)"
+    return "tuned" if cpu_module().keep_freed_memory() else "default (not glibc's malloc)"
 
 
 def worker(args):
