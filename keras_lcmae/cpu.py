@@ -11,7 +11,8 @@ thresholds, so freed blocks are reused, and the process keeps its
 high-water mark instead of handing memory back between steps. Our models'
 peak RSS stayed within 1 % (tiny32 1366 -> 1371 MB, base224 3278 -> 3285
 MB, PyTorch float32); a fixed threshold can fragment other programs' heaps
-more (HF ViTMAE base224: 2.7 -> 3.2 GB). The recipes call it; ``tools/benchmark.py`` measures it.
+more (HF ViTMAE base224: 2.7 -> 3.2 GB). The recipes call it;
+``tools/benchmark.py`` measures it.
 
 **16-bit floats.** bf16 and fp16 training only pay on a CPU with 16-bit
 matrix instructions (x86: AVX-512 BF16 / AVX512-FP16 or AMX; Arm: the BF16
