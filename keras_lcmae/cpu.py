@@ -106,12 +106,9 @@ def cpu_flags(path="/proc/cpuinfo"):
 
 
 def native_cpu_dtype(dtype, cpuinfo="/proc/cpuinfo"):
-    """True when the CPU multiplies ``dtype`` ("bfloat16" or "float16")
-    natively, False when it does not, None when unknown (``cpuinfo``
-    unreadable). Other dtypes (float32) are always native."""
-    import keras  # noqa: PLC0415
-
-    dtype = keras.backend.standardize_dtype(dtype)
+    """True when the CPU multiplies ``dtype`` (a dtype name: "bfloat16" or
+    "float16") natively, False when it does not, None when unknown
+    (``cpuinfo`` unreadable). Other dtypes (float32) are always native."""
     if dtype not in NATIVE_16BIT_FLAGS:
         return True
     flags = cpu_flags(cpuinfo)

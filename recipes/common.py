@@ -47,9 +47,22 @@ def define_common_flags(defaults):
     flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay.")
     flags.DEFINE_string("output_dir", d["output_dir"], "Run folder.")
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation and init.")
+    define_keep_freed_memory_flag()
+
+
+def define_keep_freed_memory_flag():
+    """``--keep_freed_memory``, which every recipe takes (see :func:`keep_freed_memory`)."""
     flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory "
                       "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
                       "afresh; the process keeps its peak memory.")
+
+
+def keep_freed_memory():
+    """Applies ``--keep_freed_memory``; whether freed memory is now kept
+    (False where the flag is off or malloc is not glibc's)."""
+    from keras_lcmae import cpu  # noqa: PLC0415
+
+    return bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
 
 
 def validate_common_flags():

@@ -88,9 +88,9 @@ def main(argv):
     import keras
     import tensorflow as tf
 
-    from keras_lcmae import ViTClassifier, cpu, data, finetune_adamw
+    from keras_lcmae import ViTClassifier, data, finetune_adamw
 
-    kept = bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
+    kept = common.keep_freed_memory()
     keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
     encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path)

@@ -47,9 +47,9 @@ def main(argv):
     common.validate_common_flags()
     import keras
 
-    from keras_lcmae import LARS, ViTClassifier, cpu, data, extract_features
+    from keras_lcmae import LARS, ViTClassifier, data, extract_features
 
-    kept = bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
+    kept = common.keep_freed_memory()
     keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
     encoder = common.build_encoder(channels)

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from recipes import common  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
 flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
@@ -64,9 +66,7 @@ flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
 flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
 flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
-flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory "
-                  "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
-                  "afresh; the process keeps its peak memory.")
+common.define_keep_freed_memory_flag()
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
 flags.DEFINE_enum(
     "strategy", "none", ["none", "mirrored", "multiworker", "tpu", "data_parallel"],
@@ -144,11 +144,11 @@ def build_model(channels):
     decoder = build_decoder_from_flags()
     if FLAGS.method == "ae":  # no masking: the masking flags do not apply
         return AutoEncoder(encoder, decoder, block_size=FLAGS.block_size, norm_pix_loss=FLAGS.norm_pix_loss)
-    common = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed)
-    common.update(masking=FLAGS.masking, informed_start_epoch=FLAGS.informed_start_epoch,
+    shared = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed)
+    shared.update(masking=FLAGS.masking, informed_start_epoch=FLAGS.informed_start_epoch,
                   hint_ratio=FLAGS.hint_ratio, guide_layer=parse_guide_layer(FLAGS.guide_layer))
     if FLAGS.method == "mae":
-        return MAE(encoder, decoder, **common)
+        return MAE(encoder, decoder, **shared)
     weights = FLAGS.setting
     explicit = (FLAGS.w_mae, FLAGS.w_cross, FLAGS.w_in)
     if any(w is not None for w in explicit):
@@ -157,7 +157,7 @@ def build_model(channels):
         base = resolve_loss_weights(FLAGS.setting)
         weights = {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
     return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=weights,
-                 projector_input=FLAGS.projector_input, **common)
+                 projector_input=FLAGS.projector_input, **shared)
 
 
 def build_monitors(channels, mean, std):
@@ -319,7 +319,7 @@ def main(argv):
     # Non-chief workers of a multi-worker run keep their own backups and logs.
     output_dir = FLAGS.output_dir if dist.is_chief else os.path.join(FLAGS.output_dir, "workers", dist.worker)
     os.makedirs(output_dir, exist_ok=True)
-    kept = bool(FLAGS.keep_freed_memory and cpu.keep_freed_memory())
+    kept = common.keep_freed_memory()
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.mixed_precision != "none":
         keras.config.set_dtype_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[FLAGS.mixed_precision])

@@ -156,9 +156,7 @@ def cpu_module():
 def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU has bf16 matrix instructions (x86 AVX-512 BF16 or AMX,
     Arm BF16); None when cpuinfo has no flags line."""
-    cpu = cpu_module()
-    flags = cpu.cpu_flags(cpuinfo)
-    return None if flags is None else any(f in flags for f in cpu.NATIVE_16BIT_FLAGS["bfloat16"])
+    return cpu_module().native_cpu_dtype("bfloat16", cpuinfo)
 
 
 def suite_specs(name, native_bf16=True):
@@ -170,25 +168,22 @@ def suite_specs(name, native_bf16=True):
     if name != "cpu" or native_bf16 is not False:
         return specs, None
     specs = tuple(dict(spec, dtype="float32") if "bfloat16" in spec.get("dtype", "") else spec for spec in specs)
-    return specs, ("bfloat16 left out: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 cpuinfo "
-                   "flag), where it is emulated; every section runs in float32.")
+    wanted = ", ".join(cpu_module().NATIVE_16BIT_FLAGS["bfloat16"])
+    return specs, (f"bfloat16 left out: this CPU has no native bf16 (none of the cpuinfo flags {wanted}), where "
+                   "it is emulated; every section runs in float32.")
 
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):
     """``"cpu: <model> (<n> cores, <widest matrix ISA>)"``: the ISA (amx_bf16,
     avx512_bf16, avx512f, avx2) decides what bf16 and float32 cost, so it is
     named; it is left out where cpuinfo has no flags line."""
-    name, flags = "unknown", set()
+    name = "unknown"
     try:
         with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown":
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features") and not flags:
-                    flags = set(value.split())
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
+    flags = cpu_module().cpu_flags(cpuinfo) or ()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), None)
     return f"cpu: {name} ({cores} cores{', ' + isa if isa else ''})"
