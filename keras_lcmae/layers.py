@@ -152,7 +152,11 @@ class Attention(keras.layers.Layer):
     def call(self, x, return_attention=False):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(self.qkv.call(x), (b, t, 3, self.num_heads, self.head_dim))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, Dh)
+        # one unstack, not three slices: the gradient is one stack of the
+        # three, where each slice's gradient would write a zero-filled copy
+        # of the whole qkv tensor and add them up (TensorFlow without XLA
+        # trained tiny32 1.3x faster; PyTorch's ViT-B bf16 step 1.035-1.09x)
+        q, k, v = ops.unstack(qkv, 3, axis=2)  # (B, T, H, Dh)
         if not return_attention and fused_attention_is_fast(q):
             out = ops.dot_product_attention(q, k, v)
             return self.proj.call(ops.reshape(out, (b, t, self.hidden_dim)))
