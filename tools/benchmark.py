@@ -525,7 +525,8 @@ SUITES = {
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
              steps=10),  # six steps gave LC-MAE/MAE 1.96 and 2.15 in two runs
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", steps=6),
-        dict(configs="base224", methods="mae,lcmae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=4),
+        # eight steps: with four, LC-MAE/MAE read 2.233 on one run of a noisy machine, 1.787 with eight
+        dict(configs="base224", methods="mae,lcmae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=8),
         dict(configs="base224", methods="mae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
              warmup=1, steps=3),
         dict(configs="base224", methods="mae", backends="jax", dtype="float32,bfloat16", warmup=1, steps=3),
