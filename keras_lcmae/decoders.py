@@ -19,7 +19,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lcmae.layers import LAYER_NORM_EPSILON, Block, add_sincos_table, add_token, layer_norm, run_blocks
+from keras_lcmae.layers import (
+    LAYER_NORM_EPSILON,
+    Block,
+    add_sincos_table,
+    add_token,
+    exact_gelu,
+    layer_norm,
+    run_blocks,
+)
 from keras_lcmae.ops import take_tokens, to_2tuple
 
 
@@ -320,7 +328,7 @@ class GaussianAverageDecoder(_Decoder):
         has_neighbour = ops.cast(ops.sum(weights, axis=-1, keepdims=True) > 0.5, x.dtype)
         x = ops.matmul(weights, tokens) + (1.0 - has_neighbour) * ops.cast(self.mask_token, x.dtype)
         x = x + ops.cast(self.decoder_pos_embed[:, 1:], x.dtype)
-        h = self.fc2(keras.activations.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
+        h = self.fc2(exact_gelu(self.fc1(self.mlp_norm(x))))
         hidden = self.decoder_norm(x + h)
         out = {"pred": self.decoder_pred(hidden), "hidden": hidden}
         if return_attention:

@@ -52,7 +52,7 @@ def gradients(model, loss_fn):
             v.value.grad = None
         loss = loss_fn()
         loss.backward()
-        return [None if v.value.grad is None else v.value.grad.detach().cpu().numpy() for v in variables]
+        return [None if v.value.grad is None else keras.ops.convert_to_numpy(v.value.grad.detach()) for v in variables]
     if backend == "jax":
         import jax
 

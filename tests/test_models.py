@@ -164,6 +164,49 @@ def test_gradient_fusion_break_is_identity_elsewhere():
     np.testing.assert_array_equal(to_np(gradient_fusion_break(x)), to_np(x))
 
 
+def _gelu_reference(x):
+    """float64 GELU x * Phi(x) and its derivative Phi(x) + x * phi(x)."""
+    from math import erf, pi, sqrt
+
+    x = np.asarray(x, "float64")
+    cdf = 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+    return x * cdf, cdf + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_gelu_value_and_gradient(dtype):
+    from keras_lcmae.layers import exact_gelu
+    from tests.helpers import gradients
+
+    x0 = np.concatenate([np.linspace(-6, 6, 481), [-30.0, -8.5, 0.0, 8.5, 30.0]]).astype("float32")
+    holder = keras.Model()  # only for helpers.gradients: one trainable variable
+    holder.v = keras.Variable(x0, dtype=dtype)
+    weights = keras.ops.convert_to_tensor(np.linspace(0.5, 1.5, x0.size).astype("float32"))
+    y = exact_gelu(holder.v.value)
+    assert keras.backend.standardize_dtype(y.dtype) == dtype
+    (g,) = gradients(holder, lambda: keras.ops.sum(keras.ops.cast(exact_gelu(holder.v.value), "float32") * weights))
+    assert str(g.dtype) == dtype
+    x = np.asarray(to_np(keras.ops.cast(holder.v.value, "float32")), "float64")  # the input as stored
+    ref_y, ref_dy = _gelu_reference(x)
+    ref_g = ref_dy * np.linspace(0.5, 1.5, x0.size)
+    y = np.asarray(to_np(keras.ops.cast(y, "float32")), "float64")
+    g = np.asarray(g.astype("float32"), "float64")
+    # atol: a backend may take 1 + erf(x / sqrt 2), which cancels to ~|x| * 2^-24 for negative x
+    if dtype == "float32":
+        np.testing.assert_allclose(y, ref_y, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(g, ref_g, rtol=2e-6, atol=1e-6)
+    elif keras.backend.backend() != "tensorflow":  # the backend's own bf16 gelu
+        np.testing.assert_allclose(y, ref_y, rtol=2**-6, atol=2**-10)
+        np.testing.assert_allclose(g, ref_g, rtol=2**-6, atol=2**-8)
+    else:  # ours: computed in float32, so within one or two bf16 roundings (2^-8 relative) of the exact value
+        np.testing.assert_allclose(y, ref_y, rtol=2**-8, atol=1e-12)
+        np.testing.assert_allclose(g, ref_g, rtol=2**-7, atol=2**-9)
+        import tensorflow as tf  # rounded once: the nearest bf16 to the exact value
+
+        nearest = tf.cast(tf.constant(ref_y, tf.float32), tf.bfloat16).numpy().astype("float64")
+        assert np.mean(y == nearest) > 0.99
+
+
 def test_drop_path_drops_whole_samples():
     layer = DropPath(0.5, seed=0)
     x = np.ones((64, 3, 4), "float32")
