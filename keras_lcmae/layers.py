@@ -95,20 +95,17 @@ class DropPath(keras.layers.Layer):
 
 
 @functools.lru_cache(maxsize=None)
-def _tf_exact_gelu():
+def _tf_wide_gelu():
     import tensorflow as tf  # noqa: PLC0415
 
     @tf.custom_gradient
     def gelu(x):
-        # 16-bit inputs are computed in float32 and the result rounded once
-        # (PyTorch's bf16 GELU does the same)
-        wide = tf.float32 if x.dtype in (tf.bfloat16, tf.float16) else x.dtype
-        xw = tf.cast(x, wide)
+        xw = tf.cast(x, tf.float32)  # computed in float32, rounded once (as PyTorch's bf16 GELU)
         cdf = 0.5 * tf.math.erfc(xw * -0.7071067811865476)  # Phi(x)
 
         def grad(dy):
             pdf = tf.exp(-0.5 * tf.square(xw)) * 0.3989422804014327  # phi(x)
-            return tf.cast(tf.cast(dy, wide) * (cdf + xw * pdf), x.dtype)
+            return tf.cast(tf.cast(dy, tf.float32) * (cdf + xw * pdf), x.dtype)
 
         return tf.cast(xw * cdf, x.dtype), grad
 
@@ -117,15 +114,16 @@ def _tf_exact_gelu():
 
 def exact_gelu(x):
     """The exact (erf) GELU, ``x * Phi(x)``, of the blocks' MLPs (timm's
-    ``nn.GELU``). On TensorFlow it is a custom gradient that reuses the
-    forward's ``Phi(x)`` and computes 16-bit inputs in float32: TensorFlow's
-    own ``gelu`` runs its ``erfc`` in bf16 and differentiates the composite
-    op by op (fwd+bwd of a ViT-B decoder MLP activation, (8, 197, 2048):
-    33 -> 27 ms in bf16, 27 -> 23 ms in float32). PyTorch has a fused
-    kernel and JAX's XLA fuses the chain, so they keep
-    ``keras.activations.gelu``."""
-    if keras.backend.backend() == "tensorflow":
-        return _tf_exact_gelu()(x)
+    ``nn.GELU``). On TensorFlow with 16-bit inputs it is a custom gradient
+    computed in float32 that reuses the forward's ``Phi(x)``: TensorFlow's
+    own ``gelu`` runs its ``erfc`` in bf16 (6x its float32 time) and
+    differentiates the composite op by op (fwd+bwd of a ViT-B decoder MLP
+    activation, (8, 197, 2048): 33 -> 27 ms). float32 keeps TensorFlow's
+    ``gelu``, so float32 training is bit-identical to it; PyTorch has a
+    fused kernel and JAX's XLA fuses the chain, so they keep
+    ``keras.activations.gelu`` too."""
+    if keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(x.dtype) in ("bfloat16", "float16"):
+        return _tf_wide_gelu()(x)
     return keras.activations.gelu(x, approximate=False)
 
 

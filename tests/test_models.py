@@ -195,7 +195,7 @@ def test_exact_gelu_value_and_gradient(dtype):
     if dtype == "float32":
         np.testing.assert_allclose(y, ref_y, rtol=2e-6, atol=1e-6)
         np.testing.assert_allclose(g, ref_g, rtol=2e-6, atol=1e-6)
-    elif keras.backend.backend() != "tensorflow":  # the backend's own bf16 gelu
+    elif keras.backend.backend() != "tensorflow":  # the backend's own bf16 gelu (TensorFlow's: ours)
         np.testing.assert_allclose(y, ref_y, rtol=2**-6, atol=2**-10)
         np.testing.assert_allclose(g, ref_g, rtol=2**-6, atol=2**-8)
     else:  # ours: computed in float32, so within one or two bf16 roundings (2^-8 relative) of the exact value
