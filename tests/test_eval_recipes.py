@@ -125,8 +125,20 @@ def _probe(encoder, splits):
 def test_pretraining_beats_the_random_encoder_across_seeds():
     """Real Fashion-MNIST, tiny scale: 100 LC-MAE steps (ViT 64x2, patch 4,
     batch 64) lift the linear probe of the [CLS] feature above the same
-    encoder at its random initialisation, for each of three seeds (measured
-    gains at the time of writing: +4.2, +1.1, +4.5 points)."""
+    encoder at its random initialisation, on average over five seeds, and no
+    seed falls clearly below it.
+
+    One seed's gain is noisy: 100 steps move the probe by +1.5 points on
+    average with a spread of about one point between seeds, and last-bit
+    changes (the thread count, an op's float32 rounding) are amplified by
+    the training into another draw of that spread. Seeds 0-4 read +1.65,
+    +2.0, +1.25, +1.25, +3.35 points (mean +1.9) with one intra-op thread,
+    as ``tools/run_tests.py`` runs it on two cores, and +1.3, +1.5, +0.1,
+    +1.45, +1.75 with two. A bar on each seed (this test's earlier form,
+    > +0.5 for each of seeds 0-2) failed on the second draw; the mean of
+    five spreads sqrt(5) times less. With the encoder frozen every gain is
+    0.0 and the test fails, as it does for a pretraining that harms the
+    encoder."""
     import keras
 
     from keras_lcmae import LCMAE, TransformerDecoder, ViTEncoder, data, optim
@@ -141,7 +153,7 @@ def test_pretraining_beats_the_random_encoder_across_seeds():
         splits.append((np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])))
     images, labels = data.load_fashion_mnist("train")
     gains = []
-    for seed in (0, 1, 2):
+    for seed in range(5):
         keras.utils.clear_session()
         keras.utils.set_random_seed(seed)
         encoder = ViTEncoder(image_size=32, patch_size=4, num_channels=1, hidden_dim=64, depth=2, num_heads=4)
@@ -152,4 +164,4 @@ def test_pretraining_beats_the_random_encoder_across_seeds():
         model.compile(optimizer=optim.adamw(model, schedule, 0.05))
         model.fit(ds, epochs=1, steps_per_epoch=100, verbose=0)
         gains.append(_probe(encoder, splits) - before)
-    assert min(gains) > 0.005, gains
+    assert np.mean(gains) > 0.005 and min(gains) > -0.01, gains
