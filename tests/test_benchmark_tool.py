@@ -273,7 +273,8 @@ def test_suites_plan_the_readme_figures():
     # against HF, our MAE runs alone in its process, as HF's does
     assert all(spec["methods"] == "mae" for spec in benchmark.SUITES["cpu"] if spec.get("reference"))
     # a ratio between processes (ours/HF, pipeline/model) pools alternating rounds, so a slow spell hits both sides
-    assert all(spec.get("rounds", 1) >= 2 for spec in benchmark.SUITES["cpu"] if spec.get("reference") or spec.get("pipeline"))
+    assert all(spec.get("rounds", 1) >= 2 for spec in benchmark.SUITES["cpu"]
+               if spec.get("reference") or spec.get("pipeline"))
     gpu = [benchmark.section_plan(defaults, spec) for spec in benchmark.SUITES["gpu"]]
     assert gpu[0].configs == "base224" and gpu[0].dtype == "bfloat16" and gpu[0].reference and gpu[0].batch == 64
     assert benchmark.section_plan(_cli_defaults(batch=16), benchmark.SUITES["gpu"][0]).batch == 16
