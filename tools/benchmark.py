@@ -513,7 +513,7 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
 # it would take on the command line. ``models=False``: no model jobs (only
 # the optimizer or pipeline ones).
 SUITES = {
-    "cpu": (  # README "Speed" on a CPU machine (about 25 min on 2 cores)
+    "cpu": (  # README "Speed" on a CPU machine (about 30 min on 2 cores)
         # ours against HF: MAE alone in its process, as HF's is (the same
         # conditions; the method ratios come from the runs below)
         dict(configs="tiny32", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
