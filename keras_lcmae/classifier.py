@@ -13,7 +13,9 @@ the official MAE ``main_finetune.py`` / ``main_linprobe.py`` build them.
   copy of the given encoder with ``pos_embed_trainable=True``.
 * ``linear_probe=True``: the encoder is frozen (``trainable=False``) and runs
   in inference mode; the head is BatchNorm without affine (eps 1e-6, torch's
-  default momentum 0.1, i.e. Keras ``momentum=0.9``) then the linear layer.
+  default momentum 0.1, i.e. Keras ``momentum=0.9``; synchronised over
+  ``tf.distribute`` replicas, see :func:`probe_batch_norm`) then the linear
+  layer.
 
 Head initialisation follows the official scripts: weights drawn with std 0.01
 (linear probe) or 2e-5 (finetune), bias 0. The official ``trunc_normal_``
@@ -147,6 +149,21 @@ def _rebuild_checked(encoder, image_size, drop_path_rate, source, pos_embed_trai
         raise ValueError(f"{source}: cannot resize its encoder to image_size={image_size}: {e}") from None
 
 
+def probe_batch_norm(name="head_norm"):
+    """The probe's BatchNorm without affine (eps 1e-6, torch's momentum 0.1).
+
+    Built inside a ``tf.distribute`` scope of several replicas it is
+    synchronised (statistics of the global batch), so a distributed step
+    equals the one-device step; JAX's DataParallel computes the global
+    statistics by itself. Under gradient accumulation the statistics are
+    those of each micro-batch, as official MAE's ``--accum_iter``."""
+    from keras_lcmae.distribute import num_replicas  # noqa: PLC0415
+
+    synchronized = keras.backend.backend() == "tensorflow" and num_replicas() > 1
+    return keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9,
+                                           synchronized=synchronized, name=name)
+
+
 @keras.saving.register_keras_serializable(package="keras_lcmae")
 class ViTClassifier(ReleasesGradients, keras.Model):
     """Image classifier on a :class:`ViTEncoder`: finetuning or linear probe.
@@ -200,11 +217,7 @@ class ViTClassifier(ReleasesGradients, keras.Model):
         self.fc_norm = layer_norm("fc_norm", LAYER_NORM_EPSILON) if self.pool == "avg" else None
         if self.fc_norm is not None and self.linear_probe:
             _set_trainable(self.fc_norm, False)  # the official probe trains the head only
-        self.head_norm = (
-            keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9, name="head_norm")
-            if self.linear_probe
-            else None
-        )
+        self.head_norm = probe_batch_norm() if self.linear_probe else None
         self.head_drop = keras.layers.Dropout(self.head_dropout, name="head_drop")
         std = LINEAR_PROBE_HEAD_STD if self.linear_probe else FINETUNE_HEAD_STD
         self.head = keras.layers.Dense(

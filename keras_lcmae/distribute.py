@@ -217,3 +217,39 @@ def step_logs(logs):
     if not _multi_worker_replica():
         return logs
     return {k: keras.ops.reshape(v, (1,)) if len(getattr(v, "shape", ())) == 0 else v for k, v in logs.items()}
+
+
+def prepare_fit(model):
+    """Makes ``model.fit`` work for data of ``(x, y)`` pairs under a
+    ``MultiWorkerMirroredStrategy`` of several workers.
+
+    Before training, Keras 3's TensorFlow trainer builds the model on the
+    first batch, averaged over replicas by one ``strategy.reduce`` of the
+    whole ``(x, y)`` structure. Across workers that strategy reduces single
+    values only, so ``fit`` fails before its first step ("Attempt to convert
+    a value (PerReplica ...) to a Tensor"); images alone (pretraining) are
+    one value and pass. This reduces each value of the batch on its own, and
+    gives the step's scalar metrics the axis the trainer's cross-worker
+    reduction needs (:func:`step_logs`), as MAE's own ``get_metrics_result``
+    does. Returns ``model``; a no-op on other strategies and backends."""
+    if keras.backend.backend() != "tensorflow":
+        return model
+    tf = _tf()
+    strategy = getattr(model, "distribute_strategy", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model
+    build = model._maybe_symbolic_build
+
+    def reduce_each(iterator=None, data_batch=None):
+        if iterator is not None and data_batch is None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.reduce("MEAN", v, axis=None)
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+        return build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = reduce_each
+    metrics = model.get_metrics_result
+    model.get_metrics_result = lambda: step_logs(metrics())
+    return model

@@ -113,8 +113,115 @@ def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
             )
 
 
+def _value(variable):
+    """The current value of a Keras variable (inside JAX's stateless scope
+    too), or the backend variable itself (TensorFlow may pass its own)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+class AccumulatesGradients:
+    """Gradient accumulation for the project's optimizers: ``accum_steps=K``
+    micro-batches make one update, as official MAE's ``--accum_iter``.
+
+    Each micro-batch's gradient (of its own mean loss) is added to an
+    accumulator; every K-th micro-batch the optimizer updates with the mean of
+    the K gradients, ``(g_1 + ... + g_K) / K`` (official MAE divides each
+    micro-batch's loss by K, which is the same), and empties the accumulator.
+    So for a loss that is a plain mean over images, K micro-batches of ``b``
+    give the update of one batch of ``K * b``.
+
+    ``iterations`` counts **updates** (``floor(micro_steps / K)``); the
+    learning-rate schedule, Adam's bias correction and the weight decay read
+    it, so a schedule written in updates is followed exactly. The micro-batch
+    count stays in the ``_iterations`` variable, which backups save with the
+    accumulators, so a run resumed mid-cycle continues it.
+
+    How: on PyTorch (eager) a micro-batch that is not the K-th only adds to
+    the accumulator. A compiled step (TensorFlow, JAX) cannot branch on the
+    count without breaking ``tf.distribute``'s cross-replica update, so each
+    variable's update is computed on every micro-batch from the accumulated
+    gradient and kept only on the K-th (``where``); the others leave the
+    variable and its slots as they were. Under ``tf.distribute`` the gradient
+    reaching ``update_step`` is already summed over replicas, so the
+    accumulator holds the global gradient on every replica.
+    """
+
+    def _init_accumulation(self, accum_steps):
+        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"`accum_steps` must be an integer >= 1 (micro-batches per update), got {accum_steps!r}.")
+        if accum_steps > 1 and (self.clipnorm or self.global_clipnorm or self.clipvalue or self.use_ema):
+            raise ValueError(
+                "`accum_steps` > 1 does not combine with gradient clipping or EMA here (they would act on each "
+                "micro-batch instead of the accumulated gradient)."
+            )
+        if accum_steps > 1 and self.gradient_accumulation_steps:
+            raise ValueError("Give `accum_steps` or Keras' `gradient_accumulation_steps`, not both.")
+        self.accum_steps = int(accum_steps)
+
+    @property
+    def iterations(self):
+        """Optimizer updates made (micro-batches // ``accum_steps``)."""
+        k = getattr(self, "accum_steps", 1)
+        if k > 1:
+            return ops.floor_divide(self._iterations, k)
+        return super().iterations
+
+    def _get_current_learning_rate(self):
+        # Keras passes the micro-batch count to a schedule; the schedule here is in updates.
+        if getattr(self, "accum_steps", 1) > 1 and isinstance(
+            self._learning_rate, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            return self._learning_rate(self.iterations)
+        return super()._get_current_learning_rate()
+
+    def _build_accumulators(self, variables):
+        self._accumulators = self.add_optimizer_variables(variables, "accumulator") if self.accum_steps > 1 else []
+
+    def _slots(self, index):
+        """The optimizer variables an update of variable ``index`` writes."""
+        raise NotImplementedError
+
+    def _masked_accumulation(self):
+        return self.accum_steps > 1 and keras.backend.backend() != "torch"
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if self.accum_steps == 1 or keras.backend.backend() != "torch":
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        import torch  # noqa: PLC0415
+
+        accumulators = [self._accumulators[self._get_variable_index(v)].value for v in trainable_variables]
+        micro = int(ops.convert_to_numpy(self._iterations))
+        with torch.no_grad():
+            if (micro + 1) % self.accum_steps:
+                torch._foreach_add_(accumulators, [g.to(a.dtype) for g, a in zip(grads, accumulators)])
+                return None
+            grads = [(a + g.to(a.dtype)) / self.accum_steps for a, g in zip(accumulators, grads)]
+            for a in accumulators:
+                a.zero_()
+        return super()._backend_apply_gradients(grads, trainable_variables)
+
+    def _accumulating_update(self, gradient, variable, learning_rate, update):
+        """Runs ``update(gradient, variable, learning_rate)`` (which writes
+        ``variable`` and its slots) with the accumulated mean gradient, and
+        keeps what it wrote only on every ``accum_steps``-th micro-batch."""
+        index = self._get_variable_index(variable)
+        accumulator = self._accumulators[index]
+        total = _value(accumulator) + ops.cast(gradient, accumulator.dtype)
+        is_update = ops.equal(ops.mod(self._iterations + 1, self.accum_steps), 0)
+        state = [variable, *self._slots(index)]
+        before = [ops.copy(_value(s)) for s in state]
+        update(total / self.accum_steps, variable, learning_rate)
+        for s, old in zip(state, before):
+            self.assign(s, ops.where(is_update, _value(s), old))
+        self.assign(accumulator, ops.where(is_update, ops.zeros_like(total), total))
+
+    def _accumulation_config(self, config):
+        config["accum_steps"] = self.accum_steps
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class AdamW(keras.optimizers.AdamW):
+class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` -- the same update on every backend -- with
     a faster update on PyTorch.
 
@@ -135,20 +242,51 @@ class AdamW(keras.optimizers.AdamW):
     True
     """
 
+    def __init__(self, *args, accum_steps=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_accumulation(accum_steps)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._build_accumulators(variables)
+        # decided in Python per index: `update_step` may get TensorFlow's own variable
+        self._decays = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+
+    def _slots(self, index):
+        slots = [self._momentums[index], self._velocities[index]]
+        return slots + ([self._velocity_hats[index]] if self.amsgrad else [])
+
     def _torch_fused(self, variables):
         return not self.amsgrad and _torch_cpu_fused(variables)
 
     def _apply_weight_decay(self, variables):
-        if self._torch_fused(variables):
-            return  # the fused kernel applies the same decay
+        if self._torch_fused(variables) or self._masked_accumulation():
+            return  # the fused kernel, or the accumulating update_step, applies the same decay
         super()._apply_weight_decay(variables)
+
+    def _decayed_update(self, gradient, variable, learning_rate):
+        """Keras' AdamW step for one variable: the decoupled decay, then Adam."""
+        if self._decays[self._get_variable_index(variable)]:
+            lr = ops.cast(learning_rate, variable.dtype)
+            self.assign(variable, variable - variable * ops.cast(self.weight_decay, variable.dtype) * lr)
+        super().update_step(gradient, variable, learning_rate)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._masked_accumulation():
+            return super().update_step(gradient, variable, learning_rate)
+        self._accumulating_update(gradient, variable, learning_rate, self._decayed_update)
+
+    def get_config(self):
+        return self._accumulation_config(super().get_config())
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if keras.backend.backend() != "torch" or self.amsgrad:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         if self._torch_fused(trainable_variables):
             # host scalars are free on the CPU
-            t = float(self.iterations.value.item()) + 1.0
+            t = float(ops.convert_to_numpy(self.iterations)) + 1.0
             lr = float(ops.convert_to_numpy(learning_rate))
             groups = {}
             for i, v in enumerate(trainable_variables):
@@ -176,10 +314,11 @@ class AdamW(keras.optimizers.AdamW):
         return None
 
 
-def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95):
+def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95, accum_steps=1):
     """AdamW (:class:`AdamW`) as the MAE pretraining recipe uses it, with the
-    exclusions of :func:`decay_exclusions` registered on the optimizer."""
-    opt = AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2)
+    exclusions of :func:`decay_exclusions` registered on the optimizer;
+    ``accum_steps`` micro-batches per update (:class:`AccumulatesGradients`)."""
+    opt = AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, accum_steps=accum_steps)
     opt.exclude_from_weight_decay(var_list=decay_exclusions(model))
     return opt
 
@@ -190,7 +329,7 @@ def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class LARS(keras.optimizers.Optimizer):
+class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as
     the official MAE linear probe trains its head.
 
@@ -221,7 +360,8 @@ class LARS(keras.optimizers.Optimizer):
     >>> opt.apply([np.ones((32, 10), "float32"), np.ones(10, "float32")], head.trainable_weights)
     """
 
-    def __init__(self, learning_rate=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, name="lars", **kwargs):
+    def __init__(self, learning_rate=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, name="lars",
+                 accum_steps=1, **kwargs):
         for arg, value in (("weight_decay", weight_decay), ("trust_coefficient", trust_coefficient)):
             if value is None or float(value) < 0:
                 raise ValueError(f"`{arg}` must be a non-negative float, got {value!r}.")
@@ -230,21 +370,31 @@ class LARS(keras.optimizers.Optimizer):
         super().__init__(learning_rate=learning_rate, weight_decay=float(weight_decay), name=name, **kwargs)
         self.momentum = float(momentum)
         self.trust_coefficient = float(trust_coefficient)
+        self._init_accumulation(accum_steps)
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
         self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self._build_accumulators(variables)
         # Decided once per variable, in Python: `update_step` may receive the
         # backend's own variable (TensorFlow), which has no Keras name or path.
         self._decays = [len(v.shape) > 1 and self._use_weight_decay(v) for v in variables]
+
+    def _slots(self, index):
+        return [self.momentums[index]]
 
     def _apply_weight_decay(self, variables):
         # The decay is coupled L2 inside `update_step`, not Keras' decoupled one.
         return
 
     def update_step(self, gradient, variable, learning_rate):
+        if self._masked_accumulation():
+            return self._accumulating_update(gradient, variable, learning_rate, self._lars_update)
+        return self._lars_update(gradient, variable, learning_rate)
+
+    def _lars_update(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
@@ -264,7 +414,7 @@ class LARS(keras.optimizers.Optimizer):
     def get_config(self):
         config = super().get_config()
         config.update(momentum=self.momentum, trust_coefficient=self.trust_coefficient)
-        return config
+        return self._accumulation_config(config)
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +476,7 @@ def layer_decay_multipliers(model_or_encoder, layer_decay):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class LayerDecayAdamW(keras.optimizers.Optimizer):
+class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
     """AdamW with a per-variable learning-rate multiplier, as the official
     finetuning's parameter groups (layer-wise lr decay).
 
@@ -373,6 +523,7 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
         lr_multipliers=None,
         no_weight_decay=None,
         name="layer_decay_adamw",
+        accum_steps=1,
         **kwargs,
     ):
         if weight_decay is None or float(weight_decay) < 0:
@@ -393,6 +544,7 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
         self.epsilon = float(epsilon)
         self.lr_multipliers = None if lr_multipliers is None else {str(k): float(v) for k, v in lr_multipliers.items()}
         self.no_weight_decay = sorted(no_weight_decay or [])
+        self._init_accumulation(accum_steps)
 
     def build(self, variables):
         if self.built:
@@ -406,6 +558,7 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
                 )
         super().build(variables)
         self._momentums, self._velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+        self._build_accumulators(variables)
         # Per-index Python constants: `update_step` may receive the backend's
         # own variable (TensorFlow), which has no Keras path.
         self._scales = [1.0 if self.lr_multipliers is None else self.lr_multipliers[v.path] for v in variables]
@@ -424,7 +577,7 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
         # decay) group; elsewhere Keras' per-variable loop over `update_step`.
         if not _torch_cpu_fused(trainable_variables):
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        t = float(self.iterations.value.item()) + 1.0
+        t = float(ops.convert_to_numpy(self.iterations)) + 1.0
         lr = float(ops.convert_to_numpy(learning_rate))
         groups = {}
         for i, v in enumerate(trainable_variables):
@@ -434,7 +587,15 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
         _fused_adamw_groups(self, trainable_variables, grads, groups, t, self.epsilon)
         return None
 
+    def _slots(self, index):
+        return [self._momentums[index], self._velocities[index]]
+
     def update_step(self, gradient, variable, learning_rate):
+        if self._masked_accumulation():
+            return self._accumulating_update(gradient, variable, learning_rate, self._adamw_update)
+        return self._adamw_update(gradient, variable, learning_rate)
+
+    def _adamw_update(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype) * self._scales[index]
@@ -460,7 +621,7 @@ class LayerDecayAdamW(keras.optimizers.Optimizer):
             lr_multipliers=self.lr_multipliers,
             no_weight_decay=self.no_weight_decay,
         )
-        return config
+        return self._accumulation_config(config)
 
 
 def finetune_adamw(model, learning_rate, weight_decay=0.05, layer_decay=0.75, beta_1=0.9, beta_2=0.999, **kwargs):

@@ -13,6 +13,7 @@ epoch, keeps the best checkpoint (``best.keras``), writes ``metrics.json``
 and one final JSON line.
 """
 
+import json
 import os
 import sys
 import time
@@ -25,8 +26,8 @@ from absl import app, flags  # noqa: E402
 from recipes import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-common.define_common_flags(dict(batch_size=1024, epochs=100, blr=5e-4, warmup_epochs=5, weight_decay=0.05,
-                                pool="avg", output_dir="runs/finetune"))
+common.define_eval_flags(dict(batch_size=1024, epochs=100, blr=5e-4, warmup_epochs=5, weight_decay=0.05,
+                              pool="avg", output_dir="runs/finetune"))
 flags.DEFINE_float("layer_decay", 0.65, "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).")
 flags.DEFINE_float("drop_path", 0.1, "Stochastic depth rate of the last block.")
 flags.DEFINE_float("smoothing", 0.1, "Label smoothing.")
@@ -38,7 +39,7 @@ flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10
 flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).")
 
 
-def train_dataset(source, num_classes, mean, std):
+def train_dataset(source, num_classes, mean, std, batch_size):
     """Crop + flip + RandAugment -> normalise -> erase -> batch -> Mixup/CutMix."""
     import keras
     import tensorflow as tf
@@ -68,7 +69,7 @@ def train_dataset(source, num_classes, mean, std):
         return data.normalize(image, mean, std), label
 
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(FLAGS.batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)  # a micro-batch: Mixup/CutMix pair images within it
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
 
     def mix(batch, index):
@@ -82,47 +83,52 @@ def train_dataset(source, num_classes, mean, std):
 
 def main(argv):
     del argv
-    common.validate_common_flags()
+    common.validate_eval_flags()
     if not 0 < FLAGS.layer_decay <= 1:
         raise app.UsageError(f"--layer_decay must be in (0, 1], got {FLAGS.layer_decay}.")
+    run = common.start_run()
     import keras
     import tensorflow as tf
 
     from keras_lcmae import ViTClassifier, data, finetune_adamw
+    from keras_lcmae.training import BestCheckpoint
 
-    kept = common.keep_freed_memory()
-    keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
-    encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path)
-    model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool)
-    steps, schedule, derived = common.lr_schedule(n_train, num_classes)
-    derived["freed_memory_kept"] = kept
-    model.compile(
-        optimizer=finetune_adamw(model, schedule, FLAGS.weight_decay, FLAGS.layer_decay),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
-                 keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
-    )
-    train = train_dataset(train_src, num_classes, mean, std)
-    val = data.labelled_dataset(val_src, min(FLAGS.batch_size, 512), FLAGS.image_size, mean, std, train=False,
-                                crop_pct=crop_pct).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(os.path.join(FLAGS.output_dir, "best.keras"), monitor="val_top1", mode="max",
-                                        save_best_only=True),
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.TensorBoard(os.path.join(FLAGS.output_dir, "tensorboard")),
-    ]
+    steps, schedule, derived = common.lr_schedule(run, n_train)
+    derived.update(num_classes=num_classes, encoder=FLAGS.encoder)
+    with run.scope():
+        encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path)
+        model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool)
+        model.compile(
+            optimizer=finetune_adamw(model, schedule, FLAGS.weight_decay, FLAGS.layer_decay,
+                                     accum_steps=run.plan.accum_steps),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
+                     keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
+            jit_compile=common.jit_compile(),
+        )
+    common.write_run_files(run.output_dir, model.get_config(), derived)
+    plan = common.print_plan(run, derived, model, params=dict(model_params=int(model.count_params())))
+    if FLAGS.dry_run:
+        print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
+        return
+    train = train_dataset(train_src, num_classes, mean, std, run.plan.global_micro_batch)
+    val = data.labelled_dataset(val_src, min(run.plan.global_micro_batch, 512), FLAGS.image_size, mean, std,
+                                train=False, crop_pct=crop_pct).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    best = os.path.join(run.output_dir, "best.keras")
+    callbacks = common.run_callbacks(run, schedule, derived["total_steps"],
+                                     after=[BestCheckpoint(best, monitor="val_top1", mode="max")])
     start = time.time()
-    history = model.fit(train, epochs=FLAGS.epochs, steps_per_epoch=steps, validation_data=val, callbacks=callbacks,
-                        verbose=2)
+    history = common.fit(run, model, train, steps, callbacks, validation_data=val)
+    model.save(os.path.join(run.output_dir, "last.keras"))  # the final weights (best.keras: the best epoch's)
     h = history.history
     final = dict(
-        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]), best_top1=float(np.max(h["val_top1"])),
-        epochs_run=len(h["loss"]), seconds=round(time.time() - start, 1), encoder=FLAGS.encoder,
-        best_checkpoint=os.path.join(FLAGS.output_dir, "best.keras"),
+        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]), loss=float(h["loss"][-1]),
+        best_top1=float(np.max(h["val_top1"])),
+        epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
+        encoder=FLAGS.encoder, best_checkpoint=best,
     )
-    common.report(FLAGS.output_dir, final, h, derived)
+    common.report(run.output_dir, final, h, derived)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ on the validation split each epoch, keeps the best, writes ``metrics.json``
 and one final JSON line.
 """
 
+import json
 import os
 import sys
 import time
@@ -26,8 +27,8 @@ from absl import app, flags  # noqa: E402
 from recipes import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-common.define_common_flags(dict(batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0,
-                                pool="cls", output_dir="runs/linprobe"))
+common.define_eval_flags(dict(batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0,
+                              pool="cls", output_dir="runs/linprobe"))
 flags.DEFINE_bool("cache_features", False, "Train the head on features computed once (no crop augmentation).")
 
 
@@ -36,31 +37,55 @@ def head_model(dim, num_classes):
     (the same layers ``ViTClassifier(linear_probe=True)`` puts on the encoder)."""
     import keras
 
+    from keras_lcmae.classifier import probe_batch_norm
+
     inputs = keras.Input((dim,))
-    x = keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9, name="head_norm")(inputs)
+    x = probe_batch_norm()(inputs)
     x = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01), name="head")(x)
     return keras.Model(inputs, x, name="linear_probe_head")
 
 
 def main(argv):
     del argv
-    common.validate_common_flags()
+    common.validate_eval_flags()
+    run = common.start_run()
     import keras
+    import tensorflow as tf
 
     from keras_lcmae import LARS, ViTClassifier, data, extract_features
+    from keras_lcmae.training import BestCheckpoint
 
-    kept = common.keep_freed_memory()
-    keras.utils.set_random_seed(FLAGS.seed)
     train_src, val_src, num_classes, n_train, channels, mean, std, crop_pct = common.labelled_data()
-    encoder = common.build_encoder(channels)
-    before = [w.copy() for w in encoder.get_weights()]
-    steps, schedule, derived = common.lr_schedule(n_train, num_classes)
-    derived["freed_memory_kept"] = kept
+    steps, schedule, derived = common.lr_schedule(run, n_train)
+    derived.update(num_classes=num_classes, encoder=FLAGS.encoder)
+    micro = run.plan.global_micro_batch
     metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
                keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    eval_batches = data.labelled_dataset(val_src, min(FLAGS.batch_size, 1024), FLAGS.image_size, mean, std,
-                                         train=False, crop_pct=crop_pct)
+    eval_batches = data.labelled_dataset(val_src, min(micro, 1024), FLAGS.image_size, mean, std, train=False,
+                                         crop_pct=crop_pct)
+
+    def optimizer():
+        return LARS(schedule, weight_decay=FLAGS.weight_decay, accum_steps=run.plan.accum_steps)
+
+    if FLAGS.cache_features:
+        encoder = common.build_encoder(channels)  # features are computed once, before training
+        with run.scope():
+            model = head_model(encoder.hidden_dim, num_classes)
+            model.compile(optimizer=optimizer(), loss=loss, metrics=metrics, jit_compile=common.jit_compile())
+    else:
+        with run.scope():
+            encoder = common.build_encoder(channels)
+            model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool, linear_probe=True)
+            model.compile(optimizer=optimizer(), loss=loss, metrics=metrics, jit_compile=common.jit_compile())
+    common.write_run_files(run.output_dir, model.get_config(), derived)
+    trainable = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+    plan = common.print_plan(run, derived, encoder if FLAGS.cache_features else model,
+                             "linprobe" if FLAGS.cache_features else None, params=dict(trainable_params=trainable))
+    if FLAGS.dry_run:
+        print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
+        return
+    before = [w.copy() for w in encoder.get_weights()]
     start = time.time()
     if FLAGS.cache_features:
         train_eval = data.labelled_dataset(train_src, 1024, FLAGS.image_size, mean, std, train=False, crop_pct=crop_pct)
@@ -68,45 +93,37 @@ def main(argv):
         x_val, y_val = extract_features(encoder, eval_batches, pool=FLAGS.pool)
         common.check_labels(y_train, num_classes, "the training split")
         common.check_labels(y_val, num_classes, "the validation split")
-        model = head_model(x_train.shape[1], num_classes)
-        model.compile(optimizer=LARS(schedule, weight_decay=FLAGS.weight_decay), loss=loss, metrics=metrics)
         rng = np.random.default_rng(FLAGS.seed)
 
         def batches():
             while True:
                 order = rng.permutation(len(x_train))
-                for i in range(0, len(order) - FLAGS.batch_size + 1, FLAGS.batch_size):
-                    idx = order[i:i + FLAGS.batch_size]
+                for i in range(0, len(order) - micro + 1, micro):
+                    idx = order[i:i + micro]
                     yield x_train[idx], y_train[idx]
 
-        import tensorflow as tf
-
         train_ds = tf.data.Dataset.from_generator(
-            batches, output_signature=(tf.TensorSpec((FLAGS.batch_size, x_train.shape[1]), tf.float32),
-                                       tf.TensorSpec((FLAGS.batch_size,), tf.int32)))
+            batches, output_signature=(tf.TensorSpec((micro, x_train.shape[1]), tf.float32),
+                                       tf.TensorSpec((micro,), tf.int32)))
         val_ds = (x_val, y_val)
     else:
-        model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool, linear_probe=True)
-        model.compile(optimizer=LARS(schedule, weight_decay=FLAGS.weight_decay), loss=loss, metrics=metrics)
-        train_ds = data.labelled_dataset(train_src, FLAGS.batch_size, FLAGS.image_size, mean, std, train=True,
-                                         seed=FLAGS.seed)
+        train_ds = data.labelled_dataset(train_src, micro, FLAGS.image_size, mean, std, train=True, seed=FLAGS.seed)
         val_ds = eval_batches
-    best = keras.callbacks.ModelCheckpoint(os.path.join(FLAGS.output_dir, "best.keras"), monitor="val_top1",
-                                           mode="max", save_best_only=True)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    history = model.fit(train_ds, epochs=FLAGS.epochs, steps_per_epoch=steps, validation_data=val_ds,
-                        callbacks=[best, keras.callbacks.TensorBoard(os.path.join(FLAGS.output_dir, "tensorboard"))],
-                        verbose=2)
+    best = os.path.join(run.output_dir, "best.keras")
+    callbacks = common.run_callbacks(run, schedule, derived["total_steps"],
+                                     after=[BestCheckpoint(best, monitor="val_top1", mode="max")])
+    history = common.fit(run, model, train_ds, steps, callbacks, validation_data=val_ds)
+    model.save(os.path.join(run.output_dir, "last.keras"))  # the final weights (best.keras: the best epoch's)
     h = history.history
     if not all(np.array_equal(a, b) for a, b in zip(before, encoder.get_weights())):
         raise RuntimeError("the encoder changed during linear probing")  # a frozen encoder must stay frozen
     final = dict(
-        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]),
+        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]), loss=float(h["loss"][-1]),
         best_top1=float(max(h["val_top1"])), train_top1=float(h["top1"][-1]),
-        epochs_run=len(h["loss"]), seconds=round(time.time() - start, 1), encoder=FLAGS.encoder,
-        cache_features=FLAGS.cache_features, pool=FLAGS.pool,
+        epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
+        encoder=FLAGS.encoder, cache_features=FLAGS.cache_features, pool=FLAGS.pool, best_checkpoint=best,
     )
-    common.report(FLAGS.output_dir, final, h, derived)
+    common.report(run.output_dir, final, h, derived)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from recipes import common  # noqa: E402
 
@@ -58,33 +58,15 @@ flags.DEFINE_enum("masking", "random", ["random", "self_guided"],
 flags.DEFINE_integer("informed_start_epoch", 0, "--masking=self_guided: first epoch (0-based) with informed masks.")
 flags.DEFINE_float("hint_ratio", 0.05, "--masking=self_guided: fraction of the masked patches given back as hints.")
 flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block index (-1: last) or 'decoder'.")
-flags.DEFINE_integer("batch_size", 4096, "Global batch size.")
-flags.DEFINE_integer("epochs", 400, "Epochs.")
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: dataset size // batch).")
-flags.DEFINE_float("blr", 1.5e-4, "Base lr; lr = blr * batch_size / 256.")
-flags.DEFINE_float("min_lr", 0.0, "Final lr of the cosine.")
-flags.DEFINE_float("warmup_epochs", 40, "Linear warmup epochs.")
-flags.DEFINE_float("weight_decay", 0.05, "AdamW weight decay (not on 1-D parameters).")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "Mixed precision policy.")
-common.define_keep_freed_memory_flag()
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
-flags.DEFINE_enum(
-    "strategy", "none", ["none", "mirrored", "multiworker", "tpu", "data_parallel"],
-    "Distribution: mirrored / multiworker (TF_CONFIG) / tpu on TensorFlow, data_parallel on JAX.",
-)
-flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
-flags.DEFINE_integer("host_devices", None, "Split the CPU into this many logical devices (try distribution on a laptop).")
-flags.DEFINE_string("output_dir", "runs/pretrain", "Run folder.")
-flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
+common.define_run_flags(dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
+                             output_dir="runs/pretrain"))
 flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.")
-flags.DEFINE_integer("backup_every", 0, "Steps between preemption backups (0: at each epoch end).")
 flags.DEFINE_integer("monitor_every", 1, "Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).")
 flags.DEFINE_enum("monitor_pool", "cls", ["cls", "avg"], "Monitor features: [CLS] token or mean patch token.")
 flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.")
 flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.")
 flags.DEFINE_integer("online_probe_every", 1, "Steps between online linear-probe steps (0: no online probe; "
                      "fashion_mnist with --monitor_every only).")
-flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the derived values; do not train.")
 
 
 def build_dataset(batch_size):
@@ -274,9 +256,7 @@ def validate_flags():
     validate_decoder_flags()
     if FLAGS.method == "lcmae" and FLAGS.setting.strip("()").lower() not in "abcdefg":
         raise app.UsageError(f"--setting: unknown LC-MAE setting {FLAGS.setting!r}; choose a-g.")
-    for name in ("batch_size", "epochs"):
-        if getattr(FLAGS, name) < 1:
-            raise app.UsageError(f"--{name} must be >= 1.")
+    common.validate_run_flags()
     validate_masking_flags()
     if FLAGS.online_probe_every < 0:
         raise app.UsageError(f"--online_probe_every must be >= 0 (0: off), got {FLAGS.online_probe_every}.")
@@ -286,100 +266,61 @@ def validate_flags():
         raise app.UsageError(f"--data: {FLAGS.data!r} does not exist.")
 
 
-def setup_distribution():
-    """Returns the :class:`keras_lcmae.distribute.Setup` of ``--strategy``."""
-    from keras_lcmae import distribute
-
-    if FLAGS.host_devices:
-        try:
-            distribute.split_host_devices(FLAGS.host_devices)
-        except (ValueError, RuntimeError) as e:
-            raise app.UsageError(f"--host_devices: {e}") from None
-    try:
-        dist = distribute.setup(FLAGS.strategy, tpu=FLAGS.tpu)
-    except ValueError as e:
-        raise app.UsageError(f"--strategy={FLAGS.strategy}: {e}") from None
-    if FLAGS.batch_size % dist.num_replicas:
-        raise app.UsageError(
-            f"--batch_size={FLAGS.batch_size} is not divisible by the {dist.num_replicas} replicas of "
-            f"--strategy={FLAGS.strategy}."
-        )
-    return dist
-
-
 def main(argv):
     del argv
     validate_flags()
-    dist = setup_distribution()
+    run = common.start_run()
     import keras
 
-    from keras_lcmae import cpu, optim
-    from keras_lcmae.callbacks import pretrain_callbacks
+    from keras_lcmae import optim
+    from keras_lcmae.callbacks import last_good_checkpoint, pretrain_callbacks
 
-    # Non-chief workers of a multi-worker run keep their own backups and logs.
-    output_dir = FLAGS.output_dir if dist.is_chief else os.path.join(FLAGS.output_dir, "workers", dist.worker)
-    os.makedirs(output_dir, exist_ok=True)
-    kept = common.keep_freed_memory()
-    keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.mixed_precision != "none":
-        keras.config.set_dtype_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[FLAGS.mixed_precision])
-        slow = cpu.cpu_precision_warning(keras.config.dtype_policy())
-        if slow:
-            logging.warning("--mixed_precision=%s: %s", FLAGS.mixed_precision, slow)
     try:
-        ds, n, channels, mean, std, skipped = build_dataset(FLAGS.batch_size)
+        ds, n, channels, mean, std, skipped = build_dataset(run.plan.global_micro_batch)
     except (ValueError, OSError) as e:  # missing / empty / unreadable data
-        message = str(e)
-        raise app.UsageError(message if message.startswith("--") else f"--data={FLAGS.data}: {message}") from None
-    steps = FLAGS.steps_per_epoch or (n // FLAGS.batch_size if n else None)
-    if not steps:
-        raise app.UsageError("--steps_per_epoch is needed: the dataset size is unknown or smaller than a batch.")
-    lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
-    total = steps * FLAGS.epochs
-    warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
-    schedule = optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr)
-    derived = dict(
-        lr=lr, patch_size=FLAGS.patch_size, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=n,
-        replicas=dist.num_replicas, per_replica_batch=FLAGS.batch_size // dist.num_replicas, freed_memory_kept=kept,
-    )
-    print(json.dumps({"derived": derived}), flush=True)
-
-    with dist.scope():
+        raise app.UsageError(common.flag_message("--data", FLAGS.data, e)) from None
+    steps, schedule, derived = common.lr_schedule(run, n)
+    derived["patch_size"] = FLAGS.patch_size
+    with run.scope():
         model = build_model(channels)
-        jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
-        model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay), jit_compile=jit)
-    with open(os.path.join(output_dir, "flags.txt"), "w") as f:
-        f.write(FLAGS.flags_into_string())
-    with open(os.path.join(output_dir, "model_config.json"), "w") as f:
-        json.dump({"config": model.get_config(), "derived": derived}, f, indent=1, default=str)
+        model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay, accum_steps=run.plan.accum_steps),
+                      jit_compile=common.jit_compile())
+    common.write_run_files(run.output_dir, model.get_config(), derived)
+    params = dict(encoder_params=int(model.encoder.count_params()),
+                  model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)))
+    plan = common.print_plan(run, derived, model, params=params)
     if FLAGS.dry_run:
-        params = dict(
-            encoder_params=int(model.encoder.count_params()),
-            model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
-        )
-        print(json.dumps({"dry_run": True, **params, **derived}), flush=True)
+        print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
         return
     preview = next(iter(ds.take(1)))
     preview = keras.ops.convert_to_numpy(preview[0] if isinstance(preview, tuple) else preview)
     callbacks = pretrain_callbacks(
-        output_dir, model, schedule, FLAGS.batch_size, FLAGS.save_every, skipped, preview, mean, std,
-        backup_every=FLAGS.backup_every, total_steps=total, monitors=build_monitors(channels, mean, std),
+        run.output_dir, model, schedule, run.plan.global_micro_batch, FLAGS.save_every, skipped, preview, mean, std,
+        backup_every=FLAGS.backup_every, total_steps=derived["total_steps"],
+        monitors=build_monitors(channels, mean, std), log_every=FLAGS.log_every, accum_steps=run.plan.accum_steps,
     )
+    encoder_path = os.path.join(run.output_dir, "encoder.keras")
+
+    def keep_last_good_encoder():
+        checkpoint = last_good_checkpoint(os.path.join(run.output_dir, "checkpoints"))
+        if checkpoint is None:
+            return "no checkpoint was finished before, so no encoder.keras was written"
+        keras.saving.load_model(checkpoint).encoder.save(encoder_path)
+        return f"encoder.keras holds the encoder of the last good checkpoint, {checkpoint}"
+
     start = time.time()
-    history = model.fit(ds, epochs=FLAGS.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=2)
+    history = common.fit(run, model, ds, steps, callbacks, on_divergence=keep_last_good_encoder)
     seconds = time.time() - start
-    model.encoder.save(os.path.join(output_dir, "encoder.keras"))
+    model.encoder.save(encoder_path)
     final = {k: float(v[-1]) for k, v in history.history.items()}
     final.update(
         epochs_run=len(history.history.get("loss", [])),
-        steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        steps=common.updates_done(model),
         seconds=round(seconds, 1),
         skipped_files=skipped.count if skipped else 0,
-        encoder=os.path.join(output_dir, "encoder.keras"),
+        encoder=encoder_path,
     )
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump({"final": final, "history": history.history, "derived": derived}, f, indent=1, default=float)
-    print(json.dumps(final), flush=True)
+    common.report(run.output_dir, final, history.history, derived)
 
 
 if __name__ == "__main__":

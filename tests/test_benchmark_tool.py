@@ -382,3 +382,116 @@ def test_cpu_suite_times_float32_only_on_a_cpu_that_emulates_bf16(tmp_path):
     assert benchmark.suite_specs("gpu", False) == (benchmark.SUITES["gpu"], None)  # a GPU computes there
     text = benchmark.markdown_report([], command="x", note=note)
     assert note in text
+
+
+# -- the finetune job: ViTClassifier steps with and without gradient accumulation
+
+
+def test_finetune_jobs_run_each_accumulation_in_its_own_process():
+    """``finetune`` becomes one job per ``--accum_steps`` K (its peak memory
+    its own); the pretraining methods keep sharing one process."""
+    plan = benchmark.section_plan(_cli_defaults(methods="mae,finetune,lcmae", backends="torch", dtype="float32,bfloat16"))
+    assert plan.accum_steps == "1,4"
+    assert benchmark.section_jobs(plan) == [
+        ("tiny32", "mae,lcmae", "torch", "auto", "float32"), ("tiny32", "finetune", "torch", "auto", "float32"),
+        ("tiny32", "finetune_k4", "torch", "auto", "float32"), ("tiny32", "mae,lcmae", "torch", "auto", "bfloat16"),
+        ("tiny32", "finetune", "torch", "auto", "bfloat16"), ("tiny32", "finetune_k4", "torch", "auto", "bfloat16")]
+    plan = benchmark.section_plan(_cli_defaults(methods="finetune", backends="jax", accum_steps="8,1,8"))
+    assert benchmark.section_jobs(plan) == [("tiny32", "finetune_k8", "jax", "auto", "float32"),
+                                            ("tiny32", "finetune", "jax", "auto", "float32")]
+    assert [benchmark.finetune_accum_steps(m) for m in ("finetune", "finetune_k4", "mae", "finetune_x")] == [1, 4, None, None]
+    # the suites plan no finetune jobs: their figures stay as they were
+    for name, specs in benchmark.SUITES.items():
+        for spec in specs:
+            assert not any(benchmark.finetune_accum_steps(j[1]) for j in benchmark.section_jobs(benchmark.section_plan(_cli_defaults(), spec)))
+
+
+@pytest.mark.parametrize("name", ["test", "tiny32", "base224"])
+def test_finetune_flops_match_hf_vit_flop_counter(name):
+    """The finetune job's forward FLOPs (patch embedding, encoder on all
+    1 + N tokens, a 1000-class head) equal PyTorch's FlopCounterMode count of
+    transformers' ViTForImageClassification of the same sizes."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = benchmark.CONFIGS[name]
+    config = transformers.ViTConfig(image_size=c["image"], patch_size=c["patch"], num_channels=3, hidden_size=c["width"],
+                                    num_hidden_layers=c["depth"], num_attention_heads=c["heads"],
+                                    intermediate_size=4 * c["width"], num_labels=benchmark.FINETUNE_CLASSES,
+                                    attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.rand(2, 3, c["image"], c["image"]))
+    assert benchmark.forward_flops_per_image(c, "finetune") == counter.get_total_flops() // 2
+    for method in ("finetune", "finetune_k4"):
+        assert benchmark.train_flops_per_image(c, method) == 3 * benchmark.forward_flops_per_image(c, "finetune")
+
+
+def test_finetune_ratios_and_markdown_lines():
+    """K = 4 against K = 1 of the same setting: the step ratio and the added
+    peak memory, and the report's line (no table row: the table's columns are
+    the pretraining methods')."""
+    base = dict(device="cpu: X (2 cores)", version="keras 3 (torch)")
+    results = [dict(_rec("finetune", "torch", "float32", 0.5, batch=64, config="tiny32"), peak_rss_mb=1000.0,
+                    estimated_mb=700.0, accum_steps=1, **base),
+               dict(_rec("finetune_k4", "torch", "float32", 0.6, batch=64, config="tiny32"), peak_rss_mb=1021.0,
+                    estimated_mb=721.0, accum_steps=4, **base),
+               dict(_rec("finetune", "jax", "float32", 1.0, batch=64, config="tiny32"), peak_rss_mb=900.0, **base)]
+    found = benchmark.ratios(results)
+    assert found == [{"ratio": "finetune_k4_step/finetune_step", "config": "tiny32", "backend": "torch", "jit": "off",
+                      "dtype": "float32", "accum_steps": 4, "value": 1.2, "peak_rss_mb_added": 21.0,
+                      "estimated_mb_added": 21.0}]
+    text = benchmark.markdown_report([(results, found)], command="x")
+    assert ("- Run 1: finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch 64, torch jit=off float32): "
+            "K=1 128 images/s (peak RSS 1000 MB, estimated 700 MB); K=4 106.7 images/s (peak RSS 1021 MB, "
+            "estimated 721 MB), step **1.200x** K=1's, +21 MB.") in text
+    assert "micro-batch 64, jax jit=off float32): K=1 64 images/s (peak RSS 900 MB)." in text
+    assert "| run |" not in text  # no pretraining rows, so no table
+
+
+def test_accum_steps_flag_is_checked():
+    for bad in ("0", "1,x", "4,"):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--accum_steps", bad],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 2 and "--accum_steps takes a comma list" in out.stderr, (bad, out.stderr[-500:])
+
+
+@pytest.mark.slow
+def test_finetune_job_times_plain_and_accumulated_steps(tmp_path):
+    """``--methods finetune`` end to end on PyTorch at smoke size: K = 1 and
+    K = 2 at the same micro-batch, each with images/s, FLOPs, peak RSS and
+    the memory estimate (K = 2 adds the float32 accumulators), the ratio
+    record, and the report's line."""
+    out = tmp_path / "speed.md"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--configs", "test", "--methods", "finetune",
+           "--backends", "torch", "--accum_steps", "1,2", "--batch", "4", "--warmup", "1", "--steps", "2",
+           "--markdown", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{")]
+    assert not [l for l in lines if "error" in l], lines
+    recs = {r["method"]: r for r in lines if "median_step_s" in r}
+    assert set(recs) == {"finetune", "finetune_k2"}, lines
+    c = benchmark.CONFIGS["test"]
+    for method, k in (("finetune", 1), ("finetune_k2", 2)):
+        r = recs[method]
+        assert r["accum_steps"] == k and r["batch"] == 4 and r["steps_timed"] == 2 and r["peak_rss_mb"] > 0
+        assert r["images_per_s"] == pytest.approx(4 / r["median_step_s"], rel=1e-2)
+        assert r["flops_per_image"] == benchmark.train_flops_per_image(c, "finetune") > 0
+    # one float32 accumulator per trained weight: the ViTClassifier of the test config with a 1000-class head
+    added = recs["finetune_k2"]["estimated_mb"] - recs["finetune"]["estimated_mb"]
+    from keras_lcmae import memory
+
+    g = memory.Geometry(job="finetune", image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"],
+                        depth=c["depth"], num_heads=c["heads"], num_classes=benchmark.FINETUNE_CLASSES, pool="avg")
+    trained = memory.count_params(g)[0]
+    assert added == pytest.approx(4 * trained / 2**20, abs=0.15)
+    ratio = next(l for l in lines if l.get("ratio") == "finetune_k2_step/finetune_step")
+    assert ratio["value"] == pytest.approx(recs["finetune_k2"]["median_step_s"] / recs["finetune"]["median_step_s"], rel=1e-2)
+    assert ratio["peak_rss_mb_added"] == pytest.approx(recs["finetune_k2"]["peak_rss_mb"] - recs["finetune"]["peak_rss_mb"], abs=0.11)
+    text = out.read_text()
+    assert "finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch 4, torch jit=auto float32): K=1 " in text
+    assert "K=2 " in text and "Jobs that failed" not in text

@@ -79,6 +79,10 @@ def test_short_run_writes_everything(tmp_path):
         ("--strategy=data_parallel", "--strategy=data_parallel"),  # JAX only; this run is TensorFlow
         ("--strategy=mirrored --host_devices=2 --batch_size=15", "--batch_size=15"),
         ("--strategy=multiworker", "TF_CONFIG"),
+        ("--accum_steps=3", "--accum_steps=3"),  # 16 images do not split into 3 micro-batches
+        ("--accum_steps=0", "--accum_steps must be >= 1"),
+        ("--strategy=mirrored --host_devices=2 --accum_steps=4 --batch_size=12", "x --accum_steps=4 = 8"),
+        ("--log_every=-1", "--log_every"),
     ],
 )
 def test_bad_flags_fail_before_training(flag, message, tmp_path):
@@ -94,8 +98,8 @@ def test_mirrored_recipe_on_two_host_devices(tmp_path):
     out = os.path.join(tmp_path, "run")
     result = run(*TINY, "--strategy=mirrored", "--host_devices=2", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    derived = json.loads(result.stdout.split("\n")[0])["derived"]
-    assert derived["replicas"] == 2 and derived["per_replica_batch"] == 8
+    plan = json.loads(result.stdout.split("\n")[0])["plan"]
+    assert plan["replicas"] == 2 and plan["per_replica_batch"] == 8
     final = json.loads(result.stdout.strip().splitlines()[-1])
     assert final["steps"] == 6 and math.isfinite(final["loss"])
 

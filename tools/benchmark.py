@@ -22,6 +22,7 @@ own), the HF reference with glibc's own, as transformers leaves it
     python tools/benchmark.py --configs base224 --methods mae --reference
     python tools/benchmark.py --configs base224 --methods mae,ae --backends torch --pipeline
     python tools/benchmark.py --configs base224 --methods mae --dtype bfloat16 --reference --batch 64  # a GPU
+    python tools/benchmark.py --configs tiny32 --methods finetune --backends torch --accum_steps 1,4
     python tools/benchmark.py --suite cpu --markdown speed.md   # README's CPU tables, one command
     python tools/benchmark.py --suite gpu --markdown speed.md   # issue 7's GPU figures
 
@@ -32,10 +33,22 @@ as one table per config, naming the machine, the versions and the command.
 Configs: ``tiny32`` (ViT 192 x 12, 3 heads, 32 px, patch 4, decoder 128 x 2
 with 4 heads, batch 64), ``base224`` (ViT-B/16 at 224, decoder 512 x 8 with 16
 heads, batch 8), ``test`` (seconds-long smoke size). Methods: ``mae``,
-``lcmae``, ``ae`` (AE(p): no masking, all tokens). ``--pipeline`` adds the
+``lcmae``, ``ae`` (AE(p): no masking, all tokens), ``finetune`` (a
+``ViTClassifier`` with ``pool="avg"`` and 1000 classes on the config's
+encoder, compiled as the finetuning recipe: ``finetune_adamw``, sparse
+cross-entropy on logits), timed at the config's micro-batch once per
+``--accum_steps`` K (default ``1,4``: without and with gradient
+accumulation), each K in its own process so that its peak memory is its
+own (records ``finetune`` and ``finetune_k4``); with K > 1 a timed step is
+one whole cycle of K micro-batches and one update, recorded per micro-batch,
+so images/s counts the micro-batches' images and includes the update's
+share. Model records also give ``estimated_mb``, the per-device training
+memory :func:`keras_lcmae.memory.estimate_training_memory` predicts (to set
+against ``peak_device_mb`` on a GPU). ``--pipeline`` adds the
 input pipeline's images/s on a folder of JPEGs cut from scikit-image's photos,
 with the pretraining transform at the config's image size; ratios printed:
-LC-MAE/MAE step, MAE/AE step, pipeline/fastest model, ours/HF.
+LC-MAE/MAE step, MAE/AE step, finetune with/without accumulation (step and
+peak memory), pipeline/fastest model, ours/HF.
 """
 
 import argparse
@@ -70,6 +83,16 @@ def config_for(args):
     return c
 
 
+FINETUNE_CLASSES = 1000  # the finetune job's head: ImageNet's classes
+
+
+def finetune_accum_steps(method):
+    """K of a finetune method name (``finetune`` 1, ``finetune_k4`` 4);
+    None for other methods."""
+    match = re.fullmatch(r"finetune(?:_k(\d+))?", method)
+    return None if match is None else int(match.group(1) or 1)
+
+
 def forward_flops_per_image(c, method, mask_ratio=0.75, mlp_ratio=4):
     """Matmul FLOPs (two per multiply-add) of one image's forward pass through
     the network: the patch embedding of every patch, the encoder on ``[CLS]``
@@ -79,8 +102,10 @@ def forward_flops_per_image(c, method, mask_ratio=0.75, mlp_ratio=4):
     the two attention products (``QK^T`` and ``AV``). LC-MAE embeds the
     patches once and runs the rest for each of its two views; its projector
     and loss matmuls are not counted (they are the loss's, and
-    under 1 % of the network's at these sizes). Elementwise work (norms,
-    softmax, GELU) is not counted, as is usual for model FLOPs."""
+    under 1 % of the network's at these sizes). Finetuning: the patch
+    embedding and the encoder on all ``1 + N`` tokens, and the head.
+    Elementwise work (norms, softmax, GELU) is not counted, as is usual for
+    model FLOPs."""
     from keras_lcmae.masking import num_visible
 
     n = (c["image"] // c["patch"]) ** 2
@@ -89,6 +114,9 @@ def forward_flops_per_image(c, method, mask_ratio=0.75, mlp_ratio=4):
     def blocks(depth, tokens, width):
         dense = 2 * tokens * width * width * (3 + 1 + 2 * mlp_ratio)
         return depth * (dense + 4 * tokens * tokens * width)
+
+    if finetune_accum_steps(method):
+        return 2 * n * pix * c["width"] + blocks(c["depth"], 1 + n, c["width"]) + 2 * c["width"] * FINETUNE_CLASSES
 
     encoded = 1 + (n if method == "ae" else num_visible(n, mask_ratio))
     view = blocks(c["depth"], encoded, c["width"])
@@ -103,7 +131,8 @@ def train_flops_per_image(c, method):
     """Model FLOPs of one training step per image: 3 x the forward matmul
     FLOPs (the backward does two matmuls per forward one), the convention of
     model-FLOP utilisation (MFU)."""
-    return 3 * forward_flops_per_image(c, method) if method in ("mae", "lcmae", "ae") else None
+    trained = method in ("mae", "lcmae", "ae") or finetune_accum_steps(method)
+    return 3 * forward_flops_per_image(c, method) if trained else None
 
 
 # Dense (no sparsity) bf16 tensor-core peak of GPUs, TFLOP/s, from NVIDIA's
@@ -241,9 +270,44 @@ def build_model(method, c):
     raise ValueError(f"unknown method {method}")
 
 
+def build_finetune(c, accum_steps=1, jit="auto"):
+    """The finetune job's model, compiled as ``recipes/finetune.py`` compiles
+    it: a :class:`keras_lcmae.ViTClassifier` (``pool="avg"``,
+    :data:`FINETUNE_CLASSES` classes) on the config's encoder (tiny32:
+    ``vit_tiny``'s sizes, base224: ``vit_base``'s), ``finetune_adamw``
+    (layer-wise lr decay AdamW) with ``accum_steps`` micro-batches per update,
+    sparse cross-entropy on the logits."""
+    import keras
+
+    from keras_lcmae import ViTClassifier, ViTEncoder, optim
+
+    encoder = ViTEncoder(image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"],
+                         num_heads=c["heads"])
+    model = ViTClassifier(encoder, FINETUNE_CLASSES, pool="avg")
+    extra = {"accum_steps": accum_steps} if accum_steps > 1 else {}  # K = 1: the optimizer as the recipe builds it
+    model.compile(optimizer=optim.finetune_adamw(model, 1e-4, **extra),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    return model
+
+
+def estimated_mb(model, batch):
+    """:func:`keras_lcmae.memory.estimate_training_memory` of a compiled
+    model at ``batch`` images per step, MiB; None when it cannot tell."""
+    try:
+        from keras_lcmae import memory
+    except ImportError:  # a checkout from before the module
+        return None
+    try:
+        return round(memory.estimate_training_memory(model, batch)["total"] / 2**20, 1)
+    except ValueError:
+        return None
+
+
 def keras_worker(args, methods):
     """Times ``methods`` in one process, their steps interleaved (m1, m2, m1,
-    m2, ...) so that drift on a shared machine hits all of them alike."""
+    m2, ...) so that drift on a shared machine hits all of them alike. A
+    finetune method with K > 1 times whole cycles of K micro-batches (one
+    update each) and records the cycle's time / K."""
     import keras
     import numpy as np
 
@@ -256,25 +320,36 @@ def keras_worker(args, methods):
     jit = {"on": True, "off": False, "auto": "auto"}[args.jit]
     x = np.random.default_rng(0).random((c["batch"], c["image"], c["image"], 3)).astype("float32")
     x = keras.ops.convert_to_tensor(x)  # on the backend's device once, as the reference's input is
-    steps = {}
+    steps, per_step, args.estimates = {}, {}, {}
     for method in methods:
-        model = build_model(method, c)
-        # the recipe's optimizer: keras_lcmae.optim.AdamW with the official decay exclusions
-        model.compile(optimizer=optim.adamw(model, 1e-4, weight_decay=0.05), jit_compile=jit)
+        k = finetune_accum_steps(method)
+        if k:
+            labels = keras.ops.convert_to_tensor(np.random.default_rng(1).integers(0, FINETUNE_CLASSES, c["batch"]))
+            model = build_finetune(c, k, jit)
 
-        def step(model=model):
-            logs = model.train_on_batch(x, return_dict=True)
-            float(logs["loss"])  # host sync
+            def step(model=model, k=k, labels=labels):
+                for _ in range(k):  # one cycle: K micro-batches, one update
+                    logs = model.train_on_batch(x, labels, return_dict=True)
+                    float(logs["loss"])  # host sync
+        else:
+            model, k = build_model(method, c), 1
+            # the recipe's optimizer: keras_lcmae.optim.AdamW with the official decay exclusions
+            model.compile(optimizer=optim.adamw(model, 1e-4, weight_decay=0.05), jit_compile=jit)
+
+            def step(model=model):
+                logs = model.train_on_batch(x, return_dict=True)
+                float(logs["loss"])  # host sync
 
         for _ in range(args.warmup):
             step()
-        steps[method] = step
+        steps[method], per_step[method] = step, k
+        args.estimates[method] = estimated_mb(model, c["batch"])
     times = {m: [] for m in methods}
     for _ in range(args.steps):
         for method in methods:
             t = time.perf_counter()
             steps[method]()
-            times[method].append(time.perf_counter() - t)
+            times[method].append((time.perf_counter() - t) / per_step[method])
     return times, c["batch"]
 
 
@@ -472,6 +547,10 @@ def emit(args, method, times, batch, version):
     }
     if args.backend == "hf_torch":
         rec["optimizer"] = f"torch.optim.AdamW ({args.reference_optimizer})"
+    if method in getattr(args, "estimates", {}):
+        rec["estimated_mb"] = args.estimates[method]
+    if finetune_accum_steps(method):
+        rec["accum_steps"] = finetune_accum_steps(method)
     print(json.dumps(with_rates(rec, times)), flush=True)
 
 
@@ -549,6 +628,7 @@ SUITES = {
              pipeline_images=24, optimizer=True, warmup=1, steps=2),
     ),
 }
+DEFAULT_ACCUM_STEPS = "1,4"
 # the flags a suite fixes (they may not be given with --suite)
 PLAN_FLAGS = ("configs", "methods", "backends", "jit", "dtype", "reference", "pipeline", "optimizer", "rounds",
               "warmup", "steps")
@@ -560,12 +640,35 @@ def section_plan(args, spec=None):
     and ``--pipeline_images`` given on the command line win over the spec."""
     plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer", "allocator",
                                                        "reference_allocator")}
-    plan.update(models=True, pipeline_images=256)
+    plan.update(models=True, pipeline_images=256, accum_steps=getattr(args, "accum_steps", None) or DEFAULT_ACCUM_STEPS)
     plan.update(spec or {})
     for key in ("batch", "pipeline_images"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     return argparse.Namespace(**plan)
+
+
+def finetune_methods(accum_steps):
+    """The finetune methods of an ``--accum_steps`` list: ``"1,4"`` ->
+    ``["finetune", "finetune_k4"]``."""
+    ks = [int(k) for k in str(accum_steps).split(",") if k.strip()]
+    return ["finetune" if k == 1 else f"finetune_k{k}" for k in dict.fromkeys(ks)]
+
+
+def split_methods(methods, accum_steps=None):
+    """``(shared, alone)``: the methods that share one process (steps
+    interleaved) and the finetune ones, each alone in its process (one per
+    ``--accum_steps`` K for ``finetune``), so that each K's peak memory is
+    its own."""
+    shared, alone = [], []
+    for method in methods.split(","):
+        if method == "finetune":
+            alone += finetune_methods(accum_steps or DEFAULT_ACCUM_STEPS)
+        elif finetune_accum_steps(method):
+            alone.append(method)
+        else:
+            shared.append(method)
+    return shared, list(dict.fromkeys(alone))
 
 
 def section_jobs(plan):
@@ -582,8 +685,12 @@ def section_jobs(plan):
             for backend in plan.backends.split(","):
                 for jit in plan.jit.split(","):
                     for dtype in plan.dtype.split(","):
-                        # all methods of one setting share a process (interleaved steps)
-                        jobs.append((config, plan.methods, backend, jit, dtype))
+                        # all methods of one setting share a process (interleaved steps), but each finetune K
+                        # has one of its own (its peak memory)
+                        shared, alone = split_methods(plan.methods, getattr(plan, "accum_steps", None))
+                        if shared:
+                            jobs.append((config, ",".join(shared), backend, jit, dtype))
+                        jobs += [(config, method, backend, jit, dtype) for method in alone]
     return jobs
 
 
@@ -625,6 +732,36 @@ def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
 
+def finetune_notes(run, records, found):
+    """Markdown lines of the finetune records of one run and config: per
+    (backend, jit, dtype), each K's images/s and peak memory, and with K > 1
+    the step and memory against K = 1 (from ``found``, the run's ratios)."""
+    lines = []
+    tuned = [r for r in records if finetune_accum_steps(r["method"])]
+    for key in dict.fromkeys((r["backend"], r["jit"], r["dtype"]) for r in tuned):
+        recs = sorted((r for r in tuned if (r["backend"], r["jit"], r["dtype"]) == key),
+                      key=lambda r: finetune_accum_steps(r["method"]))
+        parts = []
+        for r in recs:
+            k = finetune_accum_steps(r["method"])
+            mem = f"peak RSS {_fmt(r.get('peak_rss_mb'), '.0f')} MB"
+            if r.get("peak_device_mb") is not None:
+                mem += f", peak device {r['peak_device_mb']:.0f} MB"
+            if r.get("estimated_mb") is not None:
+                mem += f", estimated {r['estimated_mb']:.0f} MB"
+            part = f"K={k} {_fmt(r['images_per_s'], '.4g')} images/s ({mem})"
+            q = next((q for q in found if q["ratio"] == f"{r['method']}_step/finetune_step"
+                      and (q["backend"], q["jit"], q["dtype"]) == key and q.get("config") == r["config"]), None)
+            if q:
+                added = q.get("peak_device_mb_added", q.get("peak_rss_mb_added"))
+                part += f", step **{q['value']:.3f}x** K=1's" + (f", {added:+.0f} MB" if added is not None else "")
+            parts.append(part)
+        backend, jit, dtype = key
+        lines.append(f"- Run {run}: finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch {recs[0]['batch']}, "
+                     f"{backend} jit={jit} {dtype}): " + "; ".join(parts) + ".")
+    return lines
+
+
 def markdown_report(sections, command, when=None, failures=(), note=None):
     """Markdown tables of the figures of ``sections`` (a list of
     ``(results, ratios)``, one per section, as :func:`run_section` returns),
@@ -663,7 +800,8 @@ def markdown_report(sections, command, when=None, failures=(), note=None):
             settings = list(dict.fromkeys((r["backend"], r["jit"], r["dtype"]) for r in here
                                           if r["method"] in METHOD_NAMES and r["backend"] != "hf_torch"))
             for backend, jit, dtype in settings:
-                by = {r["method"]: r for r in here if (r["backend"], r["jit"], r["dtype"]) == (backend, jit, dtype)}
+                by = {r["method"]: r for r in here if (r["backend"], r["jit"], r["dtype"]) == (backend, jit, dtype)
+                      and not finetune_accum_steps(r["method"])}  # finetune: lines of its own below
                 mae_rec = by.get("mae", {})
                 ref = refs.get(dtype)
                 keys = dict(backend=backend, jit=jit, dtype=dtype)
@@ -684,6 +822,7 @@ def markdown_report(sections, command, when=None, failures=(), note=None):
                 if has_mfu:
                     cells.append(_fmt(ref.get("mfu"), ".1%"))
                 rows.append(cells + ["", "", "", "", _fmt(ref.get("peak_rss_mb"), ".0f")])
+            notes += finetune_notes(run, here, found)
             for q in found:
                 if q.get("config") != config:
                     continue
@@ -755,6 +894,9 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="batch size in place of each config's (e.g. for a GPU)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)")
+    parser.add_argument("--accum_steps", default=DEFAULT_ACCUM_STEPS,
+                        help="the finetune method's gradient-accumulation steps K, a comma list; each K is timed at the "
+                             "same micro-batch in its own process (default 1,4: without and with accumulation)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -771,6 +913,8 @@ def main():
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if not re.fullmatch(r"\d+(,\d+)*", args.accum_steps) or min(int(k) for k in args.accum_steps.split(",")) < 1:
+        parser.error(f"--accum_steps takes a comma list of positive integers (e.g. 1,4), got {args.accum_steps!r}")
     if args.suite:
         given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != parser.get_default(k)]
         if given:
@@ -821,9 +965,12 @@ def pool(records, rounds):
 def ratios(results):
     """The ratios the issue's targets are stated in, each from figures of
     this run: LC-MAE/MAE and MAE/AE step time, pipeline/fastest model
-    images/s, ours/HF images/s at the same dtype, and best/best (ours over
+    images/s, ours/HF images/s at the same dtype, best/best (ours over
     all backends, jit and dtype settings against the faster of HF's float32
-    and bfloat16 autocast)."""
+    and bfloat16 autocast), and the cost of gradient accumulation in
+    finetuning: the K-step cycle's time per micro-batch over the plain
+    step's, with the peak memories' difference (MB, each K in its own
+    process)."""
     ok = [r for r in results if "median_step_s" in r]
     same = ("config", "backend", "jit", "dtype")
     out = []
@@ -861,6 +1008,18 @@ def ratios(results):
             out.append({"ratio": "best ours/best hf_torch images_per_s", "config": config,
                         "ours": f"{best['backend']} jit={best['jit']} {best['dtype']}", "hf_torch": ref["dtype"],
                         "value": round(best["images_per_s"] / ref["images_per_s"], 3)})
+    for r in ok:
+        k = finetune_accum_steps(r["method"])
+        if not k or k == 1:
+            continue
+        for d in ok:
+            if d["method"] == "finetune" and all(r[key] == d[key] for key in same):
+                rec = {"ratio": f"{r['method']}_step/finetune_step", **{key: r[key] for key in same}, "accum_steps": k,
+                       "value": round(r["median_step_s"] / d["median_step_s"], 3)}
+                for mem in ("peak_rss_mb", "peak_device_mb", "estimated_mb"):
+                    if r.get(mem) is not None and d.get(mem) is not None:
+                        rec[f"{mem}_added"] = round(r[mem] - d[mem], 1)
+                out.append(rec)
     return out
 
 
