@@ -90,8 +90,9 @@ def build_dataset(batch_size):
         elif os.path.isdir(FLAGS.data):
             source, _, skipped, n = data.image_folder_dataset(FLAGS.data, channels=channels)
         elif "tfrecord" in FLAGS.data or "*" in FLAGS.data:
-            source = data.tfrecord_dataset(FLAGS.data, channels=channels)
-            n = None
+            skipped = data.SkipCounter("TFRecord record(s)")
+            source = data.tfrecord_dataset(FLAGS.data, channels=channels, skipped=skipped)
+            n = None if FLAGS.steps_per_epoch else data.count_tfrecords(FLAGS.data)
         else:
             raise app.UsageError(f"--data: {FLAGS.data!r} is not fashion_mnist, a folder, tfds:NAME or a TFRecord glob.")
     ds = data.batched_pretrain_dataset(source, batch_size, FLAGS.image_size, mean, std, seed=FLAGS.seed)
