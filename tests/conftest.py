@@ -31,3 +31,15 @@ def fmnist():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    """A saved tiny ViTEncoder (32 px, 8-px patches, 1 channel, width 32,
+    depth 2) for the evaluation recipes' tests."""
+    from keras_lcmae import ViTEncoder
+
+    keras.utils.set_random_seed(0)
+    path = str(tmp_path_factory.mktemp("enc") / "encoder.keras")
+    ViTEncoder(image_size=32, patch_size=8, num_channels=1, hidden_dim=32, depth=2, num_heads=2).save(path)
+    return path

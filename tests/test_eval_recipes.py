@@ -21,18 +21,6 @@ def run(script, *flags):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def encoder_file(tmp_path_factory):
-    import keras
-
-    from keras_lcmae import ViTEncoder
-
-    keras.utils.set_random_seed(0)
-    path = str(tmp_path_factory.mktemp("enc") / "encoder.keras")
-    ViTEncoder(image_size=32, patch_size=8, num_channels=1, hidden_dim=32, depth=2, num_heads=2).save(path)
-    return path
-
-
 def final_line(result):
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
