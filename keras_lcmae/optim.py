@@ -92,7 +92,15 @@ def _torch_adam_state(opt, trainable_variables, grads):
     params = [v.value for v in trainable_variables]
     m = [opt._momentums[opt._get_variable_index(v)].value for v in trainable_variables]
     v2 = [opt._velocities[opt._get_variable_index(v)].value for v in trainable_variables]
-    return params, m, v2, [g.to(p.dtype) for g, p in zip(grads, params)]
+    return params, m, v2, [_torch_like(g, p) for g, p in zip(grads, params)]
+
+
+def _torch_like(gradient, tensor):
+    """``gradient`` (a torch tensor, or an array a user passed to
+    ``optimizer.apply``) as a torch tensor of ``tensor``'s dtype and device."""
+    import torch  # noqa: PLC0415
+
+    return torch.as_tensor(gradient, device=tensor.device).to(tensor.dtype)
 
 
 def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
@@ -192,10 +200,11 @@ class AccumulatesGradients:
         accumulators = [self._accumulators[self._get_variable_index(v)].value for v in trainable_variables]
         micro = int(ops.convert_to_numpy(self._iterations))
         with torch.no_grad():
+            grads = [_torch_like(g, a) for g, a in zip(grads, accumulators)]
             if (micro + 1) % self.accum_steps:
-                torch._foreach_add_(accumulators, [g.to(a.dtype) for g, a in zip(grads, accumulators)])
+                torch._foreach_add_(accumulators, grads)
                 return None
-            grads = [(a + g.to(a.dtype)) / self.accum_steps for a, g in zip(accumulators, grads)]
+            grads = [(a + g) / self.accum_steps for a, g in zip(accumulators, grads)]
             for a in accumulators:
                 a.zero_()
         return super()._backend_apply_gradients(grads, trainable_variables)
