@@ -99,8 +99,19 @@ def last_good_checkpoint(folder):
     result is the last checkpoint of a healthy model.
 
     Example:
-    >>> path = last_good_checkpoint("runs/mae")   # "runs/mae/checkpoints/epoch_012.keras" or None
-    >>> model = keras.saving.load_model(path) if path else None
+    >>> import tempfile
+    >>> run = tempfile.TemporaryDirectory()                # a run folder, e.g. "runs/mae"
+    >>> last_good_checkpoint(run.name) is None             # nothing saved yet
+    True
+    >>> folder = os.path.join(run.name, "checkpoints")
+    >>> os.makedirs(folder)
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.save(os.path.join(folder, "epoch_001.keras"))
+    >>> open(os.path.join(folder, "epoch_002.keras"), "wb").close()   # cut short by a kill
+    >>> path = last_good_checkpoint(run.name)
+    >>> os.path.relpath(path, run.name)
+    'checkpoints/epoch_001.keras'
+    >>> model = keras.saving.load_model(path)
     """
     candidates = []
     for directory in (os.path.join(folder, "checkpoints"), folder):
@@ -196,10 +207,17 @@ class DivergenceGuard(keras.callbacks.Callback):
     of the run.
 
     Example:
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x = np.ones((8, 2), "float32")
+    >>> x[5] = np.nan                        # in the third batch of 2
     >>> guard = DivergenceGuard()
-    >>> history = model.fit(x, y, epochs=10, callbacks=[guard, SafeBackupAndRestore("run/backup")])
-    >>> if guard.diverged:
-    ...     print(guard.message())   # "the loss became nan at step 17 (epoch 3)"
+    >>> history = model.fit(x, np.zeros(8), batch_size=2, epochs=3, shuffle=False, verbose=0,
+    ...                     callbacks=[guard])
+    >>> guard.diverged, guard.epoch, guard.batch, guard.step
+    (True, 1, 2, 3)
+    >>> print(guard.message())
+    the loss became nan at step 3 (epoch 1)
     """
 
     def __init__(self, monitor="loss"):
@@ -269,10 +287,24 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
       resume records that epoch (Keras recorded epoch 0 until the first epoch
       end).
 
-    Example:
-    >>> backup = SafeBackupAndRestore("run/backup", save_freq=500)
-    >>> model.fit(ds, epochs=100, callbacks=[DivergenceGuard(), backup])
-    >>> backup.restored   # None, or {"weights": ..., "epoch": 7, "batch": 0, "fallback": True}
+    Example (``delete_checkpoint=False`` keeps the backup of a finished run,
+    as if it had been interrupted):
+
+    >>> import tempfile
+    >>> backup_dir = tempfile.TemporaryDirectory()        # e.g. "runs/mae/backup"
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones((8, 2), "float32"), np.zeros(8, "float32")
+    >>> backup = SafeBackupAndRestore(backup_dir.name, delete_checkpoint=False)
+    >>> _ = model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[DivergenceGuard(), backup])
+    >>> backup.restored is None                           # a fresh run
+    True
+    >>> sorted(os.listdir(backup_dir.name))               # two generations
+    ['latest.weights.h5', 'latest.weights.h5.bkp', 'training_metadata.json', 'training_metadata.json.bkp']
+    >>> open(os.path.join(backup_dir.name, "latest.weights.h5"), "wb").close()   # cut short by a kill
+    >>> _ = model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[DivergenceGuard(), backup])
+    >>> backup.restored["epoch"], backup.restored["fallback"]    # resumed from the previous one
+    (1, True)
     """
 
     def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=True, delete_checkpoint=True,
@@ -442,8 +474,17 @@ class StepLogger(keras.callbacks.Callback):
     was passed since the last one.
 
     Example:
-    >>> logger = StepLogger("run/tensorboard/steps", every=50, schedule=schedule)
-    >>> model.fit(ds, epochs=10, callbacks=[logger])   # step/loss, step/lr at steps 50, 100, ...
+    >>> import tempfile
+    >>> from keras_lcmae.optim import WarmupCosine
+    >>> log_dir = tempfile.TemporaryDirectory()           # e.g. "runs/mae/tensorboard/steps"
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> logger = StepLogger(log_dir.name, every=2, schedule=WarmupCosine(0.1, warmup_steps=2, total_steps=8))
+    >>> _ = model.fit(np.ones((8, 2)), np.zeros(8), batch_size=2, epochs=2, verbose=0, callbacks=[logger])
+    >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    >>> events = EventAccumulator(log_dir.name).Reload()
+    >>> sorted(events.Tags()["tensors"]), [e.step for e in events.Tensors("step/loss")]
+    (['step/loss', 'step/lr'], [2, 4, 6, 8])
     """
 
     def __init__(self, log_dir, every, schedule=None, prefix="step/"):
@@ -689,8 +730,20 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
     The compiled step reads the variable, so one graph serves both phases, and
     a run resumed by ``BackupAndRestore`` gets the right value for its epoch.
 
-    Example:
-    >>> schedule = InformedMaskingSchedule()   # model.fit(..., callbacks=[schedule])
+    Example (``fit`` calls ``on_epoch_begin`` itself):
+
+    >>> from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
+    ...           masking="self_guided", informed_start_epoch=2)
+    >>> schedule = InformedMaskingSchedule()   # mae.fit(..., callbacks=[schedule])
+    >>> schedule.set_model(mae)
+    >>> for epoch in range(4):
+    ...     schedule.on_epoch_begin(epoch)
+    ...     print(epoch, float(keras.ops.convert_to_numpy(mae.informed_active)))
+    0 0.0
+    1 0.0
+    2 1.0
+    3 1.0
     """
 
     def __init__(self, start_epoch=None):
@@ -737,8 +790,12 @@ def training_callbacks(output_dir, schedule, batch_size, total_steps=None, backu
     interval is counted in them.
 
     Example:
-    >>> callbacks = training_callbacks("runs/ft", schedule, batch_size=256, total_steps=1000,
-    ...                                backup_every=100, log_every=10)
+    >>> from keras_lcmae.optim import WarmupCosine
+    >>> callbacks = training_callbacks("runs/ft", WarmupCosine(1e-3, 10, 1000), batch_size=256,
+    ...                                total_steps=1000, backup_every=100, log_every=10)
+    >>> [type(c).__name__ for c in callbacks]   # nothing is written before model.fit(..., callbacks=callbacks)
+    ['TrainingStats', 'DivergenceGuard', 'SafeBackupAndRestore', 'ResumeReport', 'StopAtStep', 'StepLogger',
+     'TensorBoard']
     """
     tensorboard = os.path.join(output_dir, "tensorboard")
     save_freq = int(backup_every) * int(accum_steps) or "epoch"

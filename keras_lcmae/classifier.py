@@ -32,7 +32,7 @@ from keras import ops
 from keras_lcmae.encoder import ViTEncoder
 from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm, run_blocks
 from keras_lcmae.ops import resize_pos_embed, to_2tuple
-from keras_lcmae.optim import ReleasesGradients
+from keras_lcmae.optim import CompilesFromConfig, ReleasesGradients
 
 POOLS = ("cls", "avg")
 LINEAR_PROBE_HEAD_STD = 0.01
@@ -86,8 +86,8 @@ def rebuild_encoder(encoder, image_size=None, drop_path_rate=None, pos_embed_tra
 
     Example:
     >>> big = rebuild_encoder(ViTEncoder.from_preset("vit_test"), image_size=48)
-    >>> big.grid_size
-    (6, 6)
+    >>> big.grid_size, tuple(big.pos_embed.shape)
+    ((6, 6), (1, 37, 32))
     """
     changes = {}
     if image_size is not None and to_2tuple(image_size, "image_size") != tuple(encoder.image_size):
@@ -121,7 +121,13 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
     the position table trains. All of them together cost one rebuild.
 
     Example:
-    >>> encoder = load_encoder("runs/demo/encoder.keras", image_size=32)
+    >>> import tempfile
+    >>> run = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(run.name, "encoder.keras")     # e.g. "runs/demo/encoder.keras"
+    >>> ViTEncoder.from_preset("vit_test").save(path)       # 32 px images, 8 px patches
+    >>> encoder = load_encoder(path, image_size=48, drop_path_rate=0.1)
+    >>> encoder.grid_size, encoder.drop_path_rate
+    ((6, 6), 0.1)
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"No encoder file at {path!r}.")
@@ -165,7 +171,7 @@ def probe_batch_norm(name="head_norm"):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class ViTClassifier(ReleasesGradients, keras.Model):
+class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
     """Image classifier on a :class:`ViTEncoder`: finetuning or linear probe.
 
     Returns logits ``(B, num_classes)``; compile with
@@ -186,9 +192,19 @@ class ViTClassifier(ReleasesGradients, keras.Model):
     Example:
     >>> encoder = ViTEncoder.from_preset("vit_test")
     >>> model = ViTClassifier(encoder, num_classes=10, pool="avg")
+    >>> import numpy as np
     >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape)
     (2, 10)
-    >>> probe = ViTClassifier.from_encoder_file("runs/demo/encoder.keras", 10, linear_probe=True)
+
+    A linear probe on a saved encoder (e.g. the ``encoder.keras`` of
+    ``recipes/pretrain.py``) trains the head only:
+
+    >>> import tempfile
+    >>> run = tempfile.TemporaryDirectory()
+    >>> encoder.save(os.path.join(run.name, "encoder.keras"))
+    >>> probe = ViTClassifier.from_encoder_file(os.path.join(run.name, "encoder.keras"), 10, linear_probe=True)
+    >>> [w.path for w in probe.trainable_weights]
+    ['vit_classifier/head/kernel', 'vit_classifier/head/bias']
     """
 
     def __init__(self, encoder, num_classes, pool="cls", head_dropout=0.0, linear_probe=False, **kwargs):
@@ -227,6 +243,53 @@ class ViTClassifier(ReleasesGradients, keras.Model):
             name="head",
         )
         self.build()
+
+    # compile()'s defaults: the official base lrs (the lr at batch 256)
+    FINETUNE_LEARNING_RATE = 5e-4
+    PROBE_LEARNING_RATE = 0.1
+
+    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+        """As ``keras.Model.compile``, with the evaluation recipes' choices
+        for what is left at ``"auto"`` (the defaults; keras-hub's tasks do
+        the same):
+
+        * ``optimizer``: finetuning gets :func:`keras_lcmae.optim.finetune_adamw`
+          (AdamW, betas 0.9/0.999, weight decay 0.05 except on 1-D
+          parameters, the ``[CLS]`` token and the position table, layer-wise
+          lr decay 0.75) at ``FINETUNE_LEARNING_RATE`` (5e-4); a linear probe
+          gets :class:`keras_lcmae.optim.LARS` without weight decay at
+          ``PROBE_LEARNING_RATE`` (0.1). Both are the official base lrs (the
+          lr at batch 256), constant: the recipes scale them by
+          ``batch / 256`` and add warmup and cosine decay. ``None`` also
+          means ``"auto"``.
+        * ``loss``: sparse categorical cross-entropy on the logits (integer
+          labels; pass your own loss for one-hot or mixed labels).
+        * ``metrics``: top-1 accuracy, reported as ``top1``.
+
+        Anything given explicitly (``None`` for no loss or metrics) is used as
+        given.
+
+        >>> import numpy as np
+        >>> model = ViTClassifier(ViTEncoder.from_preset("vit_test"), num_classes=10, pool="avg")
+        >>> model.compile()
+        >>> type(model.optimizer).__name__, model.optimizer.beta_2
+        ('LayerDecayAdamW', 0.999)
+        >>> history = model.fit(np.random.rand(4, 32, 32, 3), np.arange(4), verbose=0)
+        >>> sorted(history.history)
+        ['loss', 'top1']
+        """
+        if optimizer is None or (isinstance(optimizer, str) and optimizer == "auto"):
+            from keras_lcmae.optim import LARS, finetune_adamw  # noqa: PLC0415
+
+            if self.linear_probe:
+                optimizer = LARS(self.PROBE_LEARNING_RATE, weight_decay=0.0)
+            else:
+                optimizer = finetune_adamw(self, self.FINETUNE_LEARNING_RATE)
+        if isinstance(loss, str) and loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if isinstance(metrics, str) and metrics == "auto":
+            metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1")]
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def build(self, input_shape=None):
         if self.built:
@@ -303,10 +366,19 @@ class ViTClassifier(ReleasesGradients, keras.Model):
         fresh, as the official script does for a new label set. ``num_heads``
         cannot be read off the weights' shapes.
 
-        Example:
-        >>> state = torch.load("mae_pretrain_vit_base.pth", weights_only=True)["model"]
-        >>> model = ViTClassifier.from_official_state_dict(state, 1000, num_heads=12, pool="avg",
-        ...                                                image_size=224, drop_path_rate=0.1)
+        Example: with ``state = torch.load("mae_pretrain_vit_base.pth",
+        weights_only=True)["model"]``, ``ViTClassifier.from_official_state_dict(state,
+        1000, num_heads=12, pool="avg", drop_path_rate=0.1)`` is official MAE's
+        ViT-B finetuning model. The same with a tiny exported checkpoint:
+
+        >>> import numpy as np
+        >>> from keras_lcmae import MAE, TransformerDecoder
+        >>> from keras_lcmae.convert import export_official_state_dict
+        >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(hidden_dim=32, depth=1, num_heads=2))
+        >>> state = export_official_state_dict(mae)               # official key names, numpy arrays
+        >>> model = ViTClassifier.from_official_state_dict(state, 10, num_heads=2, pool="avg", drop_path_rate=0.1)
+        >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape), model.encoder.drop_path_rate
+        ((2, 10), 0.1)
         """
         from keras_lcmae.convert import (  # noqa: PLC0415  (convert imports models; keep import cheap)
             _as_numpy,

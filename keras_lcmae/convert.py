@@ -20,8 +20,12 @@ Layout rules:
 Example:
 >>> mae = MAE(ViTEncoder.from_preset("vit_test"),
 ...           TransformerDecoder(hidden_dim=32, depth=1, num_heads=2))
->>> state = export_official_state_dict(mae)
+>>> state = export_official_state_dict(mae)   # or torch.load("mae_pretrain_vit_base.pth")["model"]
+>>> state["patch_embed.proj.weight"].shape, state["blocks.0.attn.qkv.weight"].shape
+((32, 3, 8, 8), (96, 32))
 >>> copy = mae_from_official_state_dict(state, num_heads=2, decoder_num_heads=2)
+>>> all(np.array_equal(v, state[k]) for k, v in export_official_state_dict(copy).items())
+True
 """
 
 import re

@@ -70,7 +70,13 @@ def load_fashion_mnist(split="train", directory=None, limit=None):
 
 def fashion_mnist_for_vit(split="train", image_size=32, channels=1, limit=None, directory=None):
     """Fashion-MNIST as float32 NHWC images in [0, 1], zero-padded from 28 px
-    to ``image_size`` (centred) and repeated to ``channels``; with labels."""
+    to ``image_size`` (centred) and repeated to ``channels``; with labels.
+
+    Example:
+    >>> x, y = fashion_mnist_for_vit("test", image_size=32, channels=3, limit=8)
+    >>> x.shape, x.dtype.name, float(x.min()), float(x.max()), y[:4].tolist()
+    ((8, 32, 32, 3), 'float32', 0.0, 1.0, [9, 2, 1, 1])
+    """
     images, labels = load_fashion_mnist(split, directory, limit)
     if image_size < 28:
         raise ValueError(f"image_size must be at least 28 for Fashion-MNIST, got {image_size}.")
@@ -219,10 +225,20 @@ def check_image_folder(paths_or_root, channels=3, max_files=64, skipped=None):
     :class:`SkipCounter`) when one is given. Corrupt files mixed with good
     ones pass: the pipeline skips and counts them.
 
-    Example (``'/x'`` holding 12 corrupt files)::
-
-        ValueError: none of the 12 image files under '/x' can be decoded
-        (e.g. a.jpg, b.jpg, c.jpg): corrupt or not images.
+    Example:
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+    ...     with open(os.path.join(folder.name, name), "wb") as f:
+    ...         _ = f.write(b"not an image")
+    >>> check_image_folder(folder.name)
+    Traceback (most recent call last):
+        ...
+    ValueError: none of the 4 image files under '...' can be decoded (e.g. a.jpg, b.jpg, c.jpg): corrupt or not images.
+    >>> from PIL import Image
+    >>> Image.new("RGB", (8, 8)).save(os.path.join(folder.name, "e.png"))
+    >>> check_image_folder(folder.name)           # files tried: one readable file passes
+    5
     """
     if isinstance(paths_or_root, (str, bytes, os.PathLike)):
         where = os.fsdecode(paths_or_root)
@@ -527,7 +543,13 @@ def tfds_dataset(name, split="train", channels=3, data_dir=None):
 
 def array_dataset(images, labels=None):
     """``(image, label)`` from numpy arrays ``(n, H, W[, C])`` (uint8 or float in
-    [0, 1]); labels default to -1."""
+    [0, 1]); labels default to -1.
+
+    Example:
+    >>> image, label = next(iter(array_dataset(np.ones((10, 40, 40)), np.arange(10))))
+    >>> tuple(image.shape), image.dtype.name, int(image[0, 0, 0]), int(label)
+    ((40, 40, 1), 'uint8', 255, 0)
+    """
     tf = _tf()
     images = np.asarray(images)
     if images.ndim == 3:
@@ -629,6 +651,15 @@ def batched_pretrain_dataset(
 
     ``source`` yields ``(uint8 image, label)``. The result yields normalised
     float32 ``(batch, size, size, C)`` images (with labels if asked).
+
+    Example (the source may also be :func:`image_folder_dataset` or
+    :func:`tfrecord_dataset`):
+
+    >>> source = array_dataset(np.zeros((10, 40, 40, 3), "uint8"))
+    >>> ds = batched_pretrain_dataset(source, batch_size=4, image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    >>> batch = next(iter(ds))          # repeated, so a model.fit(ds) needs steps_per_epoch
+    >>> tuple(batch.shape), batch.dtype.name
+    ((4, 32, 32, 3), 'float32')
     """
     tf = _tf()
     transform = pretrain_transform(image_size, mean, std, scale)
@@ -672,6 +703,12 @@ def labelled_dataset(
     seeded per element, repeated, full batches only. ``train=False``: resize
     and centre crop (:func:`eval_transform`), in order, one pass, the last
     partial batch kept (every image is evaluated). Labels are int32.
+
+    Example:
+    >>> source = array_dataset(np.zeros((10, 40, 48, 3), "uint8"), np.arange(10))
+    >>> ds = labelled_dataset(source, 4, 32, IMAGENET_MEAN, IMAGENET_STD, train=False)
+    >>> [(tuple(x.shape), y.numpy().tolist()) for x, y in ds]     # one pass, every image
+    [((4, 32, 32, 3), [0, 1, 2, 3]), ((4, 32, 32, 3), [4, 5, 6, 7]), ((2, 32, 32, 3), [8, 9])]
     """
     tf = _tf()
     if train:

@@ -94,10 +94,12 @@ def knn_accuracy(
 ):
     """Top-1 accuracy (a fraction in [0, 1]) of :func:`knn_classify`.
 
-    Example:
-    >>> feats, labels = extract_features(encoder, (x_train, y_train))
-    >>> test_feats, test_labels = extract_features(encoder, (x_test, y_test))
-    >>> knn_accuracy(feats, labels, test_feats, test_labels, num_classes=10)
+    Example (features usually come from :func:`extract_features`):
+
+    >>> train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]); labels = np.array([0, 0, 1, 1])
+    >>> test = np.array([[0.8, 0.3], [0.2, 0.7]])
+    >>> knn_accuracy(train, labels, test, np.array([0, 0]), num_classes=2, k=2)
+    0.5
     """
     predictions = knn_classify(train_features, train_labels, test_features, num_classes, k, temperature, batch_size)
     truth = (ops.convert_to_numpy(test_labels) if ops.is_tensor(test_labels) else np.asarray(test_labels)).reshape(-1)
@@ -151,6 +153,7 @@ def extract_features(encoder, data, pool="cls", batch_size=256):
         ``(N,)`` numpy arrays; ``labels`` is ``None`` when the data has none.
 
     Example:
+    >>> from keras_lcmae import ViTEncoder
     >>> encoder = ViTEncoder.from_preset("vit_test")
     >>> feats, labels = extract_features(encoder, (np.zeros((4, 32, 32, 3), "float32"), np.arange(4)))
     >>> feats.shape, labels.shape

@@ -40,6 +40,7 @@ class PatchEmbed(keras.layers.Layer):
     transposed to ``(p, p, C, D)`` and flattened.
 
     Example:
+    >>> import numpy as np
     >>> layer = PatchEmbed(patch_size=8, hidden_dim=32)
     >>> tuple(layer(np.zeros((2, 32, 32, 3), "float32")).shape)
     (2, 16, 32)
@@ -156,10 +157,11 @@ class Attention(keras.layers.Layer):
     never slows the default path.
 
     Example:
+    >>> import numpy as np
     >>> attn = Attention(hidden_dim=32, num_heads=4)
     >>> y, a = attn(np.zeros((2, 5, 32), "float32"), return_attention=True)
-    >>> tuple(a.shape)
-    (2, 4, 5, 5)
+    >>> tuple(y.shape), tuple(a.shape)
+    ((2, 5, 32), (2, 4, 5, 5))
     """
 
     def __init__(self, hidden_dim, num_heads, qkv_bias=True, **kwargs):
@@ -216,6 +218,7 @@ class Block(keras.layers.Layer):
     """Pre-norm Transformer block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``.
 
     Example:
+    >>> import numpy as np
     >>> block = Block(hidden_dim=32, num_heads=4)
     >>> tuple(block(np.zeros((2, 5, 32), "float32")).shape)
     (2, 5, 32)
@@ -264,7 +267,7 @@ class Block(keras.layers.Layer):
         # that casts their variables): the same operations and results, bit
         # for bit, without Keras' per-call bookkeeping. On PyTorch in bf16 that
         # made the tiny32 MAE step 1.06x faster and ViT-B's 1.016x (A/B
-        # interleaved in one process; README "Speed").
+        # interleaved in one process; docs/benchmarks.md).
         h = self.norm1.call(x)
         if return_attention:
             h, attn = self.attn.call(h, return_attention=True)

@@ -64,10 +64,14 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss=True):
         float32 scalar.
 
     Example:
-    >>> t = np.random.rand(2, 16, 48).astype("float32")
-    >>> m = np.ones((2, 16), "float32")
-    >>> float(reconstruction_loss(t, t, m, norm_pix_loss=False))
-    0.0
+    >>> import numpy as np
+    >>> pred = np.zeros((2, 16, 48), "float32")
+    >>> target = np.ones((2, 16, 48), "float32")
+    >>> target[:, 8:] = 3.0                    # squared error 1 on patches 0-7, 9 on 8-15
+    >>> mask = np.zeros((2, 16), "float32")
+    >>> mask[:, :8] = 1.0                      # only patches 0-7 were removed: only they count
+    >>> float(reconstruction_loss(pred, target, mask, norm_pix_loss=False))
+    1.0
     """
     _check_rank("pred", pred, 3)
     _check_rank("target", target, 3)
@@ -111,10 +115,13 @@ def cross_view_loss(v1, v2, mask1, mask2):
         mask1, mask2: ``(B, N)`` masks of the views, 1 = masked.
 
     Example:
-    >>> v = np.random.rand(2, 16, 8).astype("float32")
+    >>> import numpy as np
+    >>> v = np.random.default_rng(0).random((2, 16, 8)).astype("float32")
     >>> m = np.ones((2, 16), "float32")
-    >>> abs(float(cross_view_loss(v, v, m, m))) < 1e-6
+    >>> abs(float(cross_view_loss(v, v, m, m))) < 1e-6     # aligned views
     True
+    >>> round(float(cross_view_loss(v, -v, m, m)), 4)      # opposite views: 1 - (-1)
+    2.0
     """
     for name, t in (("v1", v1), ("v2", v2)):
         _check_rank(name, t, 3)
@@ -158,9 +165,12 @@ def in_view_loss(v, x, mask):
         mask: ``(B, N)``, 1 = masked.
 
     Example:
-    >>> x = np.random.rand(2, 16, 48).astype("float32")
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).random((2, 16, 48)).astype("float32")
     >>> m = np.ones((2, 16), "float32")
-    >>> float(in_view_loss(x, x, m)) < 1e-6
+    >>> float(in_view_loss(x, x, m)) < 1e-6            # same similarity structure
+    True
+    >>> float(in_view_loss(3.0 * x[..., :8], x[..., :8], m)) < 1e-6   # cosines ignore the scale
     True
     """
     _check_rank("v", v, 3)
@@ -184,6 +194,12 @@ def collapse_std(v, mask=None):
 
     It is computed from ``sum_k Var_k = E|u|^2 - |E u|^2`` with ``u = v/|v|``,
     so the ``(T, d)`` tensor is read twice and never normalised.
+
+    Example:
+    >>> import numpy as np
+    >>> spread = np.eye(4, dtype="float32")[None]          # 4 tokens, 4 directions
+    >>> round(float(collapse_std(spread)), 4), float(collapse_std(np.ones((1, 4, 4), "float32")))
+    (0.433, 0.0)
     """
     v = ops.stop_gradient(ops.cast(v, "float32"))
     d = v.shape[-1]
@@ -301,8 +317,12 @@ def block_reconstruction_loss(pred, target, valid, norm_pix_loss=True):
         norm_pix_loss: normalise each target block first.
 
     Example:
-    >>> t = np.random.rand(2, 4, 12).astype("float32")
-    >>> float(block_reconstruction_loss(t, t, np.ones((4, 12)), norm_pix_loss=False))
+    >>> import numpy as np
+    >>> target = np.ones((2, 4, 12), "float32")
+    >>> valid = np.ones((4, 12), "float32")
+    >>> valid[:, 6:] = 0.0                       # half of each block lies in the padding
+    >>> pred = np.where(valid > 0, 1.0, 5.0)[None].repeat(2, 0)   # wrong only in the padding
+    >>> float(block_reconstruction_loss(pred, target, valid, norm_pix_loss=False))
     0.0
     """
     _check_rank("pred", pred, 3)

@@ -26,7 +26,7 @@ from keras_lcmae.losses import (
 )
 from keras_lcmae.masking import informed_noise, num_hints, num_visible, random_masking
 from keras_lcmae.ops import patchify, take_tokens, unpatchify
-from keras_lcmae.optim import ReleasesGradients
+from keras_lcmae.optim import CompilesFromConfig, ReleasesGradients
 
 
 def _as_layer(obj, default_cls):
@@ -55,7 +55,7 @@ def unpack_inputs(inputs, noise=None):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class MAE(ReleasesGradients, keras.Model):
+class MAE(ReleasesGradients, CompilesFromConfig, keras.Model):
     """Masked Autoencoder (He et al., 2022).
 
     The encoder sees only the visible patches; the decoder fills the removed
@@ -102,13 +102,43 @@ class MAE(ReleasesGradients, keras.Model):
     Example:
     >>> mae = MAE(ViTEncoder.from_preset("vit_test"),
     ...           TransformerDecoder(hidden_dim=32, depth=1, num_heads=2))
+    >>> out = mae(np.zeros((2, 32, 32, 3), "float32"))
+    >>> tuple(out["pred"].shape), tuple(out["latent"].shape)   # 16 patches of 8x8x3; [CLS] + 4 visible
+    ((2, 16, 192), (2, 5, 32))
     >>> mae.compile(optimizer=keras.optimizers.AdamW(1e-3))
     >>> history = mae.fit(np.random.rand(8, 32, 32, 3), batch_size=4, verbose=0)
-    >>> "loss_mae" in history.history
-    True
+    >>> sorted(history.history)
+    ['loss', 'loss_mae']
     """
 
     MASKINGS = ("random", "self_guided")
+    # compile()'s default: the official base lr (blr 1.5e-4, the lr at batch 256)
+    DEFAULT_LEARNING_RATE = 1.5e-4
+
+    def compile(self, optimizer="auto", **kwargs):
+        """As ``keras.Model.compile``; the loss is the model's own (no
+        ``loss`` to pass). ``optimizer="auto"`` (the default) or ``None``
+        gives the pretraining recipe's optimizer: :func:`keras_lcmae.optim.adamw`
+        (AdamW, betas 0.9/0.95, weight decay 0.05 on every parameter of rank
+        >= 2, none on biases and norms) at a constant learning rate of
+        ``DEFAULT_LEARNING_RATE`` (1.5e-4, the official base lr, i.e. its lr
+        at batch 256; ``recipes/pretrain.py`` scales it by ``batch / 256``
+        and adds warmup and cosine decay). Any other optimizer is used as
+        given, e.g. ``adamw(model, WarmupCosine(...))``.
+
+        >>> mae = MAE(ViTEncoder.from_preset("vit_test"))
+        >>> mae.compile()
+        >>> type(mae.optimizer).__name__, mae.optimizer.beta_2, mae.optimizer.weight_decay
+        ('AdamW', 0.95, 0.05)
+        >>> mae.compile(optimizer="sgd")
+        >>> type(mae.optimizer).__name__
+        'SGD'
+        """
+        if optimizer is None or (isinstance(optimizer, str) and optimizer == "auto"):
+            from keras_lcmae.optim import adamw  # noqa: PLC0415
+
+            optimizer = adamw(self, self.DEFAULT_LEARNING_RATE)
+        super().compile(optimizer=optimizer, **kwargs)
 
     def __init__(self, encoder, decoder=None, mask_ratio=0.75, norm_pix_loss=True, seed=None, masking="random",
                  informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1, **kwargs):
@@ -362,13 +392,19 @@ class LCMAE(MAE):
     tokens, about ``1/sqrt(projector_dim)`` when healthy, 0 when collapsed).
 
     Example:
+    Training is as for :class:`MAE` (``compile``, then ``fit`` on images);
+    here the forward pass and the loss terms one step computes:
+
     >>> model = LCMAE(ViTEncoder.from_preset("vit_test"),
     ...               TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
     ...               projector_dim=64, loss_weights="a")
-    >>> model.compile(optimizer="adam")
-    >>> h = model.fit(np.random.rand(8, 32, 32, 3), batch_size=4, verbose=0)
-    >>> sorted(k for k in h.history if k.startswith("loss"))
-    ['loss', 'loss_cross', 'loss_in', 'loss_mae']
+    >>> x = np.random.rand(1, 32, 32, 3).astype("float32")
+    >>> out = model(x)                  # two views of the image: row 0 and row 1
+    >>> tuple(out["pred"].shape), tuple(out["features"].shape)   # features at the 12 masked positions
+    ((2, 16, 192), (2, 12, 192))
+    >>> terms = model.lcmae_losses(x, out)
+    >>> sorted(terms)                   # fit reports them as loss_mae, loss_cross, loss_in, v_std
+    ['cross', 'in', 'mae', 'v_std']
     """
 
     PROJECTOR_INPUTS = ("pred", "hidden")
@@ -597,13 +633,18 @@ class AutoEncoder(MAE):
     ``(B, 1+N, D)``; ``noise`` is accepted and ignored.
 
     Example:
+    Training is as for :class:`MAE` (``compile``, then ``fit`` on images):
+
     >>> ae = AutoEncoder(ViTEncoder.from_preset("vit_test"),
     ...                  TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
     ...                  block_size=24)
-    >>> ae.compile(optimizer="adam")
-    >>> history = ae.fit(np.random.rand(8, 32, 32, 3), batch_size=4, verbose=0)
-    >>> tuple(ae(np.zeros((1, 32, 32, 3)))["pred"].shape)
-    (1, 16, 1728)
+    >>> x = np.random.rand(2, 32, 32, 3).astype("float32")
+    >>> out = ae(x)
+    >>> tuple(out["pred"].shape), float(keras.ops.min(out["mask"]))   # a 24x24x3 block per token; nothing masked
+    ((2, 16, 1728), 1.0)
+    >>> recon, _ = ae.reconstruct(x)
+    >>> tuple(recon.shape)
+    (2, 32, 32, 3)
     """
 
     def __init__(self, encoder, decoder=None, block_size=None, norm_pix_loss=True, **kwargs):

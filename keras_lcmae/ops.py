@@ -87,6 +87,14 @@ def unpatchify(patches, patch_size, grid_size=None):
 
     Returns:
         ``(B, rows*p, cols*p, C)`` images.
+
+    Example:
+    >>> x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    >>> patches = patchify(x, 8)
+    >>> np.array_equal(ops.convert_to_numpy(unpatchify(patches, 8)), x)
+    True
+    >>> tuple(unpatchify(patches[:, :8], 8, grid_size=(2, 4)).shape)    # the top half
+    (2, 16, 32, 3)
     """
     n, dim = patches.shape[1], patches.shape[2]
     p = int(patch_size)

@@ -20,8 +20,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
     >>> s = WarmupCosine(1e-3, warmup_steps=10, total_steps=110)
-    >>> float(s(5)), float(s(10)), round(float(s(110)), 8)
-    (0.0005, 0.001, 0.0)
+    >>> [round(float(s(step)), 6) for step in (0, 5, 10, 60, 110)]
+    [0.0, 0.0005, 0.001, 0.0005, 0.0]
     """
 
     def __init__(self, peak, warmup_steps, total_steps, min_lr=0.0):
@@ -73,6 +73,20 @@ class ReleasesGradients:
         if keras.backend.backend() == "torch":
             self.zero_grad(set_to_none=True)
         return super().train_step(*args, **kwargs)
+
+
+class CompilesFromConfig:
+    """Mixin for a ``keras.Model`` whose ``compile()`` fills in defaults:
+    loading a saved model compiles it again from its saved compile config
+    (Keras skips that, with a warning, for any model with its own
+    ``compile``). The optimizer is built so that its saved state (step
+    count, moments) loads into it."""
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
 
 
 def _torch_cpu_fused(variables):
@@ -245,15 +259,27 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
     difference (on the 2-core CPU, ViT-B MAE: 1.07 s -> 0.07 s per update).
     Other backends, and ``amsgrad``, take Keras' own path.
 
+    ``exclude_1d=True`` exempts every variable of rank <= 1 (biases, norm
+    scales and offsets; :func:`decay_exclusions`) from the decay, besides
+    those of ``exclude_from_weight_decay``. It is decided per variable when
+    the update runs, so the model need not be built when the optimizer is
+    made, and it is saved in the config (a ``.keras`` file reloads with it).
+
     Example:
     >>> opt = AdamW(1e-3, weight_decay=0.05)
     >>> isinstance(opt, keras.optimizers.AdamW)
     True
     """
 
-    def __init__(self, *args, accum_steps=1, **kwargs):
+    def __init__(self, *args, accum_steps=1, exclude_1d=False, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_accumulation(accum_steps)
+        self.exclude_1d = bool(exclude_1d)
+
+    def _use_weight_decay(self, variable):
+        if self.exclude_1d and len(variable.shape) <= 1:
+            return False
+        return super()._use_weight_decay(variable)
 
     def build(self, variables):
         if self.built:
@@ -288,7 +314,9 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
         self._accumulating_update(gradient, variable, learning_rate, self._decayed_update)
 
     def get_config(self):
-        return self._accumulation_config(super().get_config())
+        config = self._accumulation_config(super().get_config())
+        config["exclude_1d"] = self.exclude_1d
+        return config
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if keras.backend.backend() != "torch" or self.amsgrad:
@@ -324,12 +352,29 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
 
 
 def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95, accum_steps=1):
-    """AdamW (:class:`AdamW`) as the MAE pretraining recipe uses it, with the
-    exclusions of :func:`decay_exclusions` registered on the optimizer;
-    ``accum_steps`` micro-batches per update (:class:`AccumulatesGradients`)."""
-    opt = AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, accum_steps=accum_steps)
-    opt.exclude_from_weight_decay(var_list=decay_exclusions(model))
-    return opt
+    """AdamW (:class:`AdamW`) as the MAE pretraining recipe uses it: no
+    decay on the variables of :func:`decay_exclusions` (``exclude_1d=True``,
+    applied when the optimizer builds, so ``model`` need not be built yet and
+    the rule survives saving); ``accum_steps`` micro-batches per update
+    (:class:`AccumulatesGradients`).
+
+    Example (the official ViT-B recipe: base lr 1.5e-4 at batch 4096, 40
+    warmup epochs of 800):
+
+    >>> from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(hidden_dim=32, depth=1, num_heads=2))
+    >>> steps = 10                                            # optimizer updates per epoch
+    >>> lr = WarmupCosine(scaled_lr(1.5e-4, 4096), warmup_steps=40 * steps, total_steps=800 * steps)
+    >>> opt = adamw(mae, lr)
+    >>> round(float(lr(40 * steps)), 6), opt.weight_decay, opt.beta_2
+    (0.0024, 0.05, 0.95)
+    >>> len(decay_exclusions(mae)), len(mae.trainable_variables)   # biases and norms are not decayed
+    (31, 48)
+    >>> mae.compile(optimizer=opt)
+    """
+    del model  # the 1-D rule is applied to whatever variables the optimizer builds for
+    return AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, accum_steps=accum_steps,
+                 exclude_1d=True)
 
 
 # ---------------------------------------------------------------------------
@@ -363,10 +408,17 @@ class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
         trust_coefficient: the ``eta`` of the trust ratio.
 
     Example:
-    >>> opt = LARS(WarmupCosine(6.4, warmup_steps=10, total_steps=90))
+    >>> import numpy as np
+    >>> opt = LARS(0.1)             # the official probe: a WarmupCosine from scaled_lr(0.1, 16384)
     >>> head = keras.layers.Dense(10)
     >>> head.build((None, 32))
+    >>> kernel = keras.ops.convert_to_numpy(head.kernel)
     >>> opt.apply([np.ones((32, 10), "float32"), np.ones(10, "float32")], head.trainable_weights)
+    >>> change = keras.ops.convert_to_numpy(head.kernel) - kernel
+    >>> round(float(np.linalg.norm(change) / np.linalg.norm(kernel)), 6)   # lr * trust_coefficient
+    0.0001
+    >>> [round(float(b), 6) for b in keras.ops.convert_to_numpy(head.bias)[:3]]   # 1-D: plain SGD, -lr * g
+    [-0.1, -0.1, -0.1]
     """
 
     def __init__(self, learning_rate=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, name="lars",
@@ -473,6 +525,7 @@ def layer_decay_multipliers(model_or_encoder, layer_decay):
     last block, ``layer_decay ** (depth + 1)`` for the patch embedding).
 
     Example:
+    >>> from keras_lcmae import ViTEncoder
     >>> encoder = ViTEncoder.from_preset("vit_test")          # depth 2
     >>> m = layer_decay_multipliers(encoder, 0.5)
     >>> m["vit_encoder/cls_token"], m["vit_encoder/blocks_1/fc1/kernel"], m["vit_encoder/norm/gamma"]
@@ -514,9 +567,12 @@ class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
         no_weight_decay: variable paths excluded from decay besides the 1-D ones.
 
     Example:
+    >>> from keras_lcmae import ViTClassifier, ViTEncoder
     >>> model = ViTClassifier(ViTEncoder.from_preset("vit_test"), num_classes=10)
     >>> opt = LayerDecayAdamW(1e-3, weight_decay=0.05,
     ...                       lr_multipliers=layer_decay_multipliers(model, 0.75))
+    >>> sorted(set(opt.lr_multipliers.values()))       # patch embedding, block 0, block 1, head
+    [0.421875, 0.5625, 0.75, 1.0]
     >>> model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     :func:`finetune_adamw` builds this with the official settings.
@@ -643,8 +699,13 @@ def finetune_adamw(model, learning_rate, weight_decay=0.05, layer_decay=0.75, be
     recipe uses 0.65). Extra keyword arguments go to the optimizer.
 
     Example:
+    >>> from keras_lcmae import ViTClassifier, ViTEncoder
     >>> model = ViTClassifier(ViTEncoder.from_preset("vit_test"), num_classes=10, pool="avg")
     >>> opt = finetune_adamw(model, WarmupCosine(scaled_lr(5e-4, 1024), 5, 100), layer_decay=0.65)
+    >>> [round(m, 6) for m in sorted(set(opt.lr_multipliers.values()))]
+    [0.274625, 0.4225, 0.65, 1.0]
+    >>> opt.no_weight_decay                 # besides every 1-D parameter
+    ['vit_encoder/cls_token', 'vit_encoder/pos_embed']
     """
     encoder = _find_encoder(model)
     return LayerDecayAdamW(

@@ -86,7 +86,23 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
     with its first epoch's.
 
     Example:
-    >>> best = BestCheckpoint("runs/ft/best.keras", monitor="val_top1", mode="max")
+    >>> import tempfile
+    >>> run = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(run.name, "best.keras")          # e.g. "runs/ft/best.keras"
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> x, y = np.ones((4, 2), "float32"), np.ones(4, "float32")
+    >>> _ = model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0,
+    ...               callbacks=[BestCheckpoint(path, monitor="val_loss", mode="min")])
+    >>> with open(path + ".best.json") as f:
+    ...     record = json.load(f)
+    >>> record["monitor"], record["epoch"], os.path.exists(path)
+    ('val_loss', 3, True)
+    >>> resumed = BestCheckpoint(path, monitor="val_loss", mode="min")   # a new process, same run
+    >>> resumed.set_model(model)
+    >>> resumed.on_train_begin()
+    >>> resumed.best == record["value"]                     # only a better model replaces best.keras
+    True
     """
 
     def __init__(self, filepath, monitor="val_loss", mode="auto", **kwargs):

@@ -10,6 +10,8 @@ one-line flag errors.
 
 import json
 import os
+import sys
+import textwrap
 
 import numpy as np
 from absl import app, flags, logging
@@ -21,6 +23,34 @@ STRATEGIES = ("none", "mirrored", "multiworker", "tpu", "data_parallel")
 # ---------------------------------------------------------------------------
 # Flags
 # ---------------------------------------------------------------------------
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def flagfiles(script):
+    """The names of the flagfiles in ``recipes/configs/`` written for
+    ``script`` (e.g. ``"finetune.py"``): those whose header comment runs
+    ``python recipes/<script> --flagfile=recipes/configs/<name>``; sorted."""
+    names = []
+    for name in sorted(os.listdir(CONFIGS)):
+        if name.endswith(".flags"):
+            with open(os.path.join(CONFIGS, name)) as f:
+                header = "".join(line for line in f if line.startswith("#"))
+            if f"python recipes/{script} --flagfile=recipes/configs/{name}" in header:
+                names.append(name)
+    return names
+
+
+def usage(doc, script_file):
+    """The recipe's module docstring (what absl's ``--help`` prints above the
+    flags) with its flagfiles appended, listed from ``recipes/configs/`` at
+    run time so that the list follows the folder."""
+    names = flagfiles(os.path.basename(script_file))
+    if not names:
+        return doc
+    line = ("Flagfiles in recipes/configs/ (--flagfile=recipes/configs/NAME; each opens with a comment on what "
+            "it is for): " + ", ".join(names) + ".")
+    return doc.rstrip() + "\n\n" + textwrap.fill(line, 78, break_on_hyphens=False, break_long_words=False) + "\n"
 
 
 def define_run_flags(defaults):
@@ -339,18 +369,91 @@ def updates_done(model):
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
-def report(output_dir, final, history=None, derived=None):
-    """``metrics.json`` and the final JSON line on stdout."""
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+def report(run, final, history=None, derived=None):
+    """``metrics.json``, the final figures in TensorBoard's HParams
+    dashboard (:func:`log_hparams`) and the final JSON line on stdout."""
+    with open(os.path.join(run.output_dir, "metrics.json"), "w") as f:
         json.dump({"final": final, "history": history or {}, "derived": derived or {}}, f, indent=1, default=float)
+    log_hparams(run, final)
     print(json.dumps(final, default=float), flush=True)
 
 
-def write_run_files(output_dir, config, derived):
-    with open(os.path.join(output_dir, "flags.txt"), "w") as f:
+def write_run_files(run, config, derived):
+    """``flags.txt``, ``model_config.json`` and the run's flags in
+    TensorBoard's HParams dashboard (:func:`log_hparams`)."""
+    with open(os.path.join(run.output_dir, "flags.txt"), "w") as f:
         f.write(FLAGS.flags_into_string())
-    with open(os.path.join(output_dir, "model_config.json"), "w") as f:
+    with open(os.path.join(run.output_dir, "model_config.json"), "w") as f:
         json.dump({"config": config, "derived": derived}, f, indent=1, default=str)
+    log_hparams(run)
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard HParams
+# ---------------------------------------------------------------------------
+
+FINAL_TAG = "final/"  # tag prefix of the final figures: the HParams table's metrics
+
+
+def recipe_flags():
+    """The flags of the running recipe, as its ``--help`` lists them: its own
+    and the run flags of this module it adopts (absl's own and the
+    libraries' are left out), by name."""
+    main = sys.argv[0]  # absl files the __main__ module's flags under sys.argv[0]
+    return sorted(FLAGS.get_key_flags_for_module(main), key=lambda flag: flag.name)
+
+
+def hparams_values():
+    """``{name: value}`` of the recipe's flags for HParams: str, int, float
+    and bool as they are, lists joined by commas, unset flags (None) left
+    out; plus ``recipe``, the script's name (``pretrain``, ``finetune``,
+    ``linprobe``), so that runs of different recipes tell apart in one
+    table."""
+    values = {"recipe": os.path.splitext(os.path.basename(sys.argv[0]))[0]}
+    for flag in recipe_flags():
+        value = flag.value
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, (str, bool, int, float)):
+            values[flag.name] = value
+    return values
+
+
+def log_hparams(run, final=None):
+    """The run in TensorBoard's HParams dashboard, so that runs (LC-MAE
+    settings a-g, a mask-ratio sweep, a pretrained encoder against a random
+    one) compare in one table under ``tensorboard --logdir runs/``.
+
+    Writes into ``<output_dir>/tensorboard``, the folder above the
+    callbacks' ``train/``, ``validation/``, ``steps/`` and ``images/`` logs
+    (one row of the HParams table per run folder): without ``final``, the
+    run's start record, whose hparams are :func:`hparams_values`, so that a
+    run shows in the table from its start; with ``final`` (the recipe's
+    final figures), each number of it as a scalar ``final/<key>`` at the
+    last step. No experiment config is written: TensorBoard then builds the
+    table from all the runs under its log folder, with every recipe's flags
+    as columns (those that differ between the runs shown first) and every
+    scalar as a metric (``final/...``, and ``train/``, ``validation/`` and
+    ``steps/`` ones), where one run's config would stand for all runs of
+    the folder (TensorBoard reads one) and name only that run's flags and
+    metrics. Only the chief writes (other multi-worker tasks and
+    ``--dry_run`` write nothing); a resumed run writes its start record
+    again, with the same values."""
+    if not run.dist.is_chief or FLAGS.dry_run:
+        return
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(os.path.join(run.output_dir, "tensorboard"))
+    with writer.as_default():
+        if final is None:
+            hp.hparams(hparams_values())
+        else:
+            step = int(final.get("steps") or 0)
+            for k, v in final.items():
+                if isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_)):
+                    tf.summary.scalar(FINAL_TAG + k, float(v), step=step)
+    writer.close()
 
 
 # ---------------------------------------------------------------------------

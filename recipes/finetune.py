@@ -2,15 +2,16 @@
 """End-to-end finetuning of a pretrained encoder (official MAE ``main_finetune.py``).
 
     python recipes/finetune.py --flagfile=recipes/configs/finetune_vitb16_in1k.flags --encoder=runs/lcmae/encoder.keras
-    python recipes/finetune.py --flagfile=recipes/configs/finetune_demo_cpu.flags --encoder=runs/demo_cpu/encoder.keras
+    python recipes/finetune.py --flagfile=recipes/configs/finetune_demo_cpu.flags --encoder=runs/demo_cpu/pretrain/encoder.keras
 
 Global average pooling + fc_norm (or ``--pool=cls``), drop path, layer-wise lr
 decay, AdamW (torch's betas 0.9/0.999; no decay on 1-D parameters, the
 ``[CLS]`` token and the position table), lr = blr * batch / 256 with warmup
 then cosine; RandomResizedCrop + flip + RandAugment, random erasing, Mixup /
 CutMix with label smoothing. Reports top-1/top-5 on the validation split each
-epoch, keeps the best checkpoint (``best.keras``), writes ``metrics.json``
-and one final JSON line.
+epoch, keeps the best checkpoint (``best.keras``), writes ``metrics.json``,
+TensorBoard logs in ``tensorboard/`` (the flags and the final figures also in
+its HParams dashboard) and one final JSON line.
 """
 
 import json
@@ -37,6 +38,8 @@ flags.DEFINE_float("reprob", 0.25, "Random erasing probability.")
 flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).")
 flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).")
 flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).")
+flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
+__doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
 
 def train_dataset(source, num_classes, mean, std, batch_size):
@@ -107,7 +110,7 @@ def main(argv):
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
             jit_compile=common.jit_compile(),
         )
-    common.write_run_files(run.output_dir, model.get_config(), derived)
+    common.write_run_files(run, model.get_config(), derived)
     plan = common.print_plan(run, derived, model, params=dict(model_params=int(model.count_params())))
     if FLAGS.dry_run:
         print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
@@ -128,7 +131,7 @@ def main(argv):
         epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
         encoder=FLAGS.encoder, best_checkpoint=best,
     )
-    common.report(run.output_dir, final, h, derived)
+    common.report(run, final, h, derived)
 
 
 if __name__ == "__main__":

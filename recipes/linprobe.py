@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Linear probing of a pretrained encoder (official MAE ``main_linprobe.py``).
 
-    python recipes/linprobe.py --encoder=runs/demo_cpu/encoder.keras --flagfile=recipes/configs/linprobe_demo_cpu.flags
+    python recipes/linprobe.py --encoder=runs/demo_cpu/pretrain/encoder.keras --flagfile=recipes/configs/linprobe_demo_cpu.flags
     python recipes/linprobe.py --flagfile=recipes/configs/linprobe_vitb16_in1k.flags --encoder=runs/lcmae/encoder.keras
 
 The encoder is frozen (inference mode); the head is BatchNorm without affine
@@ -10,8 +10,9 @@ default) with lr = blr * batch / 256, warmup then cosine; RandomResizedCrop +
 flip only. ``--cache_features`` trades the crop augmentation for speed: the
 features of the centre-cropped training images are computed once and the head
 is trained on them (the quick protocol of the CPU demo). Reports top-1/top-5
-on the validation split each epoch, keeps the best, writes ``metrics.json``
-and one final JSON line.
+on the validation split each epoch, keeps the best, writes ``metrics.json``,
+TensorBoard logs in ``tensorboard/`` (the flags and the final figures also in
+its HParams dashboard) and one final JSON line.
 """
 
 import json
@@ -30,6 +31,8 @@ FLAGS = flags.FLAGS
 common.define_eval_flags(dict(batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0,
                               pool="cls", output_dir="runs/linprobe"))
 flags.DEFINE_bool("cache_features", False, "Train the head on features computed once (no crop augmentation).")
+flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
+__doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
 
 def head_model(dim, num_classes):
@@ -78,7 +81,7 @@ def main(argv):
             encoder = common.build_encoder(channels)
             model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool, linear_probe=True)
             model.compile(optimizer=optimizer(), loss=loss, metrics=metrics, jit_compile=common.jit_compile())
-    common.write_run_files(run.output_dir, model.get_config(), derived)
+    common.write_run_files(run, model.get_config(), derived)
     trainable = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
     plan = common.print_plan(run, derived, encoder if FLAGS.cache_features else model,
                              "linprobe" if FLAGS.cache_features else None, params=dict(trainable_params=trainable))
@@ -123,7 +126,7 @@ def main(argv):
         epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
         encoder=FLAGS.encoder, cache_features=FLAGS.cache_features, pool=FLAGS.pool, best_checkpoint=best,
     )
-    common.report(run.output_dir, final, h, derived)
+    common.report(run, final, h, derived)
 
 
 if __name__ == "__main__":

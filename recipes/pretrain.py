@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""MAE / LC-MAE pretraining: flags -> builders -> ``model.fit``.
+r"""MAE / LC-MAE pretraining: flags -> builders -> ``model.fit``.
 
     python recipes/pretrain.py --flagfile=recipes/configs/demo_cpu.flags
     python recipes/pretrain.py --data=/data/imagenet/train --model=vit_base --method=lcmae \
         --setting=a --batch_size=1024 --epochs=100 --output_dir=runs/lcmae
 
 Every flag equals a constructor argument or a recipe knob. The run folder gets
-``flags.txt`` (resolved flags), ``model_config.json``, TensorBoard logs,
-``backup/`` (rerun the same command to resume after preemption), periodic
+``flags.txt`` (resolved flags), ``model_config.json``, TensorBoard logs in
+``tensorboard/`` (the flags and the final figures also in its HParams
+dashboard), ``backup/`` (rerun the same command to resume after preemption), periodic
 checkpoints, ``encoder.keras`` and ``metrics.json``; the last stdout line is
 one JSON object with the final figures.
 """
@@ -67,6 +68,8 @@ flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitor
 flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.")
 flags.DEFINE_integer("online_probe_every", 1, "Steps between online linear-probe steps (0: no online probe; "
                      "fashion_mnist with --monitor_every only).")
+flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
+__doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
 
 def build_dataset(batch_size):
@@ -286,7 +289,7 @@ def main(argv):
         model = build_model(channels)
         model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay, accum_steps=run.plan.accum_steps),
                       jit_compile=common.jit_compile())
-    common.write_run_files(run.output_dir, model.get_config(), derived)
+    common.write_run_files(run, model.get_config(), derived)
     params = dict(encoder_params=int(model.encoder.count_params()),
                   model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)))
     plan = common.print_plan(run, derived, model, params=params)
@@ -321,7 +324,7 @@ def main(argv):
         skipped_files=skipped.count if skipped else 0,
         encoder=encoder_path,
     )
-    common.report(run.output_dir, final, history.history, derived)
+    common.report(run, final, history.history, derived)
 
 
 if __name__ == "__main__":

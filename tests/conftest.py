@@ -43,3 +43,18 @@ def encoder_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("enc") / "encoder.keras")
     ViTEncoder(image_size=32, patch_size=8, num_channels=1, hidden_dim=32, depth=2, num_heads=2).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """A few 32-px RGB images in train/ and val/ class folders."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return str(root)

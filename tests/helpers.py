@@ -1,6 +1,8 @@
-"""Shared test helpers: numpy conversion, serialization round trips, gradients."""
+"""Shared test helpers: numpy conversion, serialization round trips, gradients,
+the HParams a recipe run writes."""
 
 import inspect
+import os
 
 import keras
 import numpy as np
@@ -76,3 +78,33 @@ def assert_all_gradients(model, loss_fn, allow_zero=()):
         assert np.all(np.isfinite(g)), f"non-finite gradient for {v.path}"
         if not any(tag in v.path for tag in allow_zero):
             assert np.abs(g).max() > 0, f"zero gradient for {v.path}"
+
+
+def read_hparams(folder):
+    """What TensorBoard's HParams dashboard reads of a recipe run's
+    ``tensorboard/`` folder (its session; sub-folders are other runs):
+    ``(hparams, scalars, starts)``, the session start's hparams (name ->
+    value), the scalars (tag -> last value) and how many session starts
+    were written. Fails if an experiment config was written (TensorBoard
+    infers it from all sessions; see ``recipes/common.py``'s
+    ``log_hparams``)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    hparams, scalars, starts = {}, {}, 0
+    for name in sorted(os.listdir(folder)):
+        if "tfevents" not in name:
+            continue
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(folder, name)):
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data
+                if plugin.plugin_name == metadata.PLUGIN_NAME:
+                    data = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+                    assert not data.HasField("experiment"), "an experiment config hides other runs' columns"
+                    if data.HasField("session_start_info"):
+                        starts += 1
+                        for key, v in data.session_start_info.hparams.items():
+                            hparams[key] = getattr(v, v.WhichOneof("kind"))
+                else:
+                    scalars[value.tag] = float(tf.make_ndarray(value.tensor))
+    return hparams, scalars, starts

@@ -16,7 +16,7 @@ import benchmark  # noqa: E402
 
 def _table_rows(text, config):
     """The rows of ``config``'s markdown table in ``text``, as lists of cells."""
-    section = text.split(f"## {config}:")[1].split("\n## ")[0]
+    section = text.split(f"### {config}:")[1].split("\n### ")[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
     head = [c.strip() for c in rows[0]]
     return [dict(zip(head, (c.strip() for c in row))) for row in rows[1:]]
@@ -232,10 +232,11 @@ def test_markdown_report_keeps_each_sections_ratios():
     failed = {"config": "tiny32", "method": "mae", "backend": "jax", "jit": "auto", "error": ["ModuleNotFoundError: jax"]}
     text = benchmark.markdown_report([section(0.5, 1.0), section(0.25, 1.0)], command="python tools/benchmark.py --x",
                                      when="2026-01-01 00:00 UTC", failures=[failed])
-    assert "## Jobs that failed\n\n- tiny32 mae jax jit=auto: ModuleNotFoundError: jax" in text
+    assert "### Jobs that failed\n\n- tiny32 mae jax jit=auto: ModuleNotFoundError: jax" in text
     assert "Measured 2026-01-01 00:00 UTC on cpu: X (2 cores)." in text and "`python tools/benchmark.py --x`" in text
-    assert "## tiny32: ViT 192x12 (3 heads), 32 px, patch 4, decoder 128x2 (4 heads), batch 8" in text
-    assert "## base224" not in text and "MAE MFU" not in text
+    assert "### tiny32: ViT 192x12 (3 heads), 32 px, patch 4, decoder 128x2 (4 heads), batch 8" in text
+    assert text.startswith("## 2026-01-01 — benchmark, cpu: X (2 cores), commit ")
+    assert "### base224" not in text and "MAE MFU" not in text
     rows = [r for r in _table_rows(text, "tiny32") if r["backend"] == "torch"]
     assert [(r["MAE images/s"], r["AE images/s"], r["LC-MAE images/s"]) for r in rows] == [("16", "8", ""), ("32", "16", "")]
     assert [r["ours/HF"] for r in rows] == ["2.000x", "4.000x"] and [r["MAE/AE step"] for r in rows] == ["0.500"] * 2
@@ -495,3 +496,41 @@ def test_finetune_job_times_plain_and_accumulated_steps(tmp_path):
     text = out.read_text()
     assert "finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch 4, torch jit=auto float32): K=1 " in text
     assert "K=2 " in text and "Jobs that failed" not in text
+
+
+def test_markdown_sections_go_newest_first_under_the_marker(tmp_path):
+    """``--markdown FILE`` adds a dated section: under the results marker of
+    docs/benchmarks.md (older results stay below it, the text above stays),
+    at the top of another existing file, or into a new file with the marker."""
+    def report(day):
+        return benchmark.markdown_report([], command="x", when=f"2026-01-0{day} 00:00 UTC", title="cpu suite",
+                                         commit="abc1234")
+    new = tmp_path / "new.md"
+    benchmark.add_markdown_section(str(new), report(1))
+    benchmark.add_markdown_section(str(new), report(2))
+    text = new.read_text()
+    assert text.startswith("# Benchmarks\n\n" + benchmark.RESULTS_MARKER)
+    assert text.index("## 2026-01-02 — cpu suite, an unknown device, commit abc1234") < text.index("## 2026-01-01")
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nHow to measure.\n\n" + benchmark.RESULTS_MARKER + "\n\n## 2025-12-31 — old\n\nold rows\n")
+    benchmark.add_markdown_section(str(docs), report(3))
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nHow to measure.\n\n" + benchmark.RESULTS_MARKER + "\n\n## 2026-01-03")
+    assert text.index("## 2026-01-03") < text.index("## 2025-12-31 — old\n\nold rows") and text.count("old rows") == 1
+    other = tmp_path / "speed.md"
+    other.write_text("## earlier\n")
+    benchmark.add_markdown_section(str(other), report(4))
+    assert other.read_text().startswith("## 2026-01-04") and other.read_text().endswith("## earlier\n")
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        assert benchmark.RESULTS_MARKER in f.read()
+
+
+def test_git_commit_names_the_checkout():
+    import re
+    import shutil
+
+    commit = benchmark.git_commit()
+    if shutil.which("git") and os.path.exists(os.path.join(ROOT, ".git")):
+        assert re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", commit), commit
+    else:
+        assert commit == "unknown"

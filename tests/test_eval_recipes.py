@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import read_hparams
+
 pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEOMETRY = ["--image_size=32", "--patch_size=8"]
@@ -38,6 +40,9 @@ def test_linprobe_trains_the_head_only(encoder_file, tmp_path, cache):
     if cache:
         assert final["top1"] > 0.4
     assert os.path.exists(os.path.join(out, "metrics.json")) and os.path.exists(os.path.join(out, "best.keras"))
+    hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
+    assert hparams["recipe"] == "linprobe" and hparams["cache_features"] is cache and hparams["blr"] == 50
+    assert scalars["final/top1"] == pytest.approx(final["top1"]) and scalars["final/steps"] == final["steps"]
 
 
 def test_finetune_updates_the_encoder_and_keeps_the_best(encoder_file, tmp_path):
@@ -49,6 +54,13 @@ def test_finetune_updates_the_encoder_and_keeps_the_best(encoder_file, tmp_path)
     final = final_line(run("finetune.py", *QUICK, f"--encoder={encoder_file}", "--epochs=2", "--steps_per_epoch=4",
                            "--blr=1e-3", "--randaug_magnitude=0", f"--output_dir={out}"))
     assert 0 <= final["top1"] <= 1 and final["best_top1"] >= final["top1"]
+    # the HParams dashboard: the flags in the session start, the final figures as final/ scalars of that session
+    hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
+    assert hparams["recipe"] == "finetune" and hparams["encoder"] == encoder_file and hparams["epochs"] == 2
+    assert hparams["layer_decay"] == 0.65 and hparams["randaug_magnitude"] == 0 and hparams["pool"] == "avg"
+    assert hparams["data"] == "fashion_mnist" and hparams["train_limit"] == 2000
+    for key in ("top1", "top5", "best_top1", "loss", "steps"):
+        assert scalars[f"final/{key}"] == pytest.approx(final[key]), key
     best = keras.saving.load_model(final["best_checkpoint"])
     start = keras.saving.load_model(encoder_file)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(start.get_weights(), best.encoder.get_weights()))

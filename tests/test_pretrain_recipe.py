@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.helpers import read_hparams
+
 pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -59,6 +61,15 @@ def test_short_run_writes_everything(tmp_path):
     for tag in ("epoch_loss", "epoch_loss_mae", "epoch_loss_cross", "epoch_loss_in", "epoch_v_std", "epoch_lr", "epoch_images_per_s", "epoch_knn_top1", "epoch_linprobe_top1",
                 "epoch_online_probe_top1", "reconstruction"):
         assert tag in tags, (tag, sorted(tags))
+    # the HParams dashboard: the flags in the session start, the final figures as final/ scalars of that session
+    hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
+    assert hparams["recipe"] == "pretrain" and hparams["method"] == "lcmae" and hparams["setting"] == "a"
+    assert hparams["mask_ratio"] == 0.75 and hparams["decoder"] == "transformer" and hparams["model"] == "vit_test"
+    assert hparams["batch_size"] == 16 and hparams["blr"] == 1e-3 and hparams["accum_steps"] == 1
+    assert hparams["keep_freed_memory"] is True and hparams["output_dir"] == out
+    assert "w_mae" not in hparams and "verbosity" not in hparams  # unset flags and absl's own are left out
+    for key in ("loss", "loss_cross", "knn_top1", "online_probe_top1", "epochs_run", "steps"):
+        assert scalars[f"final/{key}"] == pytest.approx(final[key]), key
     import keras
 
     import keras_lcmae  # noqa: F401 - registers the classes for loading
@@ -189,6 +200,9 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
     assert final["epochs_run"] == len(ends) == len(history["lr"])
     assert history["lr"] == pytest.approx([lr(t) for t in ends], abs=1e-9)
     assert not os.path.exists(backup)  # a finished run removes its backup
+    hparams, scalars, starts = read_hparams(os.path.join(out, "tensorboard"))
+    assert starts == 2 and hparams["backup_every"] == every  # each process wrote its session start, the same
+    assert scalars["final/steps"] == steps * epochs
 
 
 def test_bf16_on_a_cpu_without_it_warns_and_the_allocator_is_reported(tmp_path):

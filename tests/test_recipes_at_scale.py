@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import read_hparams
+
 pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "recipes", "configs")
@@ -234,22 +236,6 @@ def test_finetune_reads_tfrecords_and_logs_steps(encoder_file, tmp_path):
     for tag in ("step/loss", "step/top1", "step/lr"):
         assert sorted(steps[tag]) == [2, 4, 6, 8], (tag, steps)
 
-
-@pytest.fixture(scope="module")
-def small_folder(tmp_path_factory):
-    """A few 32-px RGB images in train/ and val/ class folders."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("small")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(root / split / c)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return str(root)
-
-
 @pytest.mark.parametrize("script,config", [
     ("pretrain.py", "mae_vitb16_in1k.flags"), ("pretrain.py", "mae_vitb16_dec8_in1k.flags"),
     ("pretrain.py", "lcmae_vitb16_in1k.flags"), ("finetune.py", "finetune_vitb16_in1k.flags"),
@@ -278,6 +264,7 @@ def test_paper_configs_print_their_plan(script, config, small_folder, tmp_path):
         assert plan["encoder_params"] == 85_798_656  # ViT-B/16 at 224 without a head (as HF ViTModel without pooler)
     # one CPU "device" carrying all 8 GPUs' micro-batches does not fit 1 GB: the warning names the flag
     assert plan["fits_device_memory"] is False and "raise --accum_steps" in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "tensorboard"))  # a dry run is no HParams session
 
 
 
@@ -318,3 +305,7 @@ def test_multi_worker_finetune_two_processes(encoder_file, tmp_path):
     assert max(float(np.abs(x - y).max()) for x, y in zip(start.get_weights(), a.encoder.get_weights())) > 1e-6
     diff = max(float(np.abs(x - y).max()) for x, y in zip(a.get_weights(), b.get_weights()))
     assert diff < 1e-6
+    # one HParams session, the chief's: the other worker writes none
+    assert read_hparams(os.path.join(out, "tensorboard"))[0]["strategy"] == "multiworker"
+    worker_board = os.path.join(out, "workers", "worker_1", "tensorboard")
+    assert not os.path.isdir(worker_board) or read_hparams(worker_board)[2] == 0

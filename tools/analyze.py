@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The LC-MAE paper's analyses (Sec. 4, Figs. 2-6, A.1, B.1) on a checkpoint.
+r"""The LC-MAE paper's analyses (Sec. 4, Figs. 2-6, A.1, B.1) on a checkpoint.
 
 Each subcommand writes ``<output_dir>/<name>.csv`` and ``<name>.png``:
 

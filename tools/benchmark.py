@@ -23,8 +23,8 @@ own), the HF reference with glibc's own, as transformers leaves it
     python tools/benchmark.py --configs base224 --methods mae,ae --backends torch --pipeline
     python tools/benchmark.py --configs base224 --methods mae --dtype bfloat16 --reference --batch 64  # a GPU
     python tools/benchmark.py --configs tiny32 --methods finetune --backends torch --accum_steps 1,4
-    python tools/benchmark.py --suite cpu --markdown speed.md   # README's CPU tables, one command
-    python tools/benchmark.py --suite gpu --markdown speed.md   # issue 7's GPU figures
+    python tools/benchmark.py --suite cpu --markdown docs/benchmarks.md   # the CPU tables, one command
+    python tools/benchmark.py --suite gpu --markdown docs/benchmarks.md   # the GPU figures
 
 ``--suite`` runs a fixed plan of sections (each a run of its own, with its
 own rounds and ratios: :data:`SUITES`) and ``--markdown`` writes the figures
@@ -587,12 +587,12 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
     return records or [{"config": config, "method": method, "backend": backend, "jit": jit, "error": proc.stderr.strip().splitlines()[-1:]}]
 
 
-# ``--suite``: the README's figures, each suite a list of sections; a section
+# ``--suite``: the figures of docs/benchmarks.md, each suite a list of sections; a section
 # is one benchmark run (its own jobs, rounds and ratios), given as the flags
 # it would take on the command line. ``models=False``: no model jobs (only
 # the optimizer or pipeline ones).
 SUITES = {
-    "cpu": (  # README "Speed" on a CPU machine (about 30 min on 2 cores)
+    "cpu": (  # docs/benchmarks.md on a CPU machine (about 30 min on 2 cores)
         # ours against HF: MAE alone in its process, as HF's is (the same
         # conditions; the method ratios come from the runs below)
         dict(configs="tiny32", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
@@ -615,7 +615,7 @@ SUITES = {
              warmup=2, steps=5),
         dict(configs="tiny32,base224", backends="torch", optimizer=True, models=False, warmup=2, steps=5),
     ),
-    "gpu": (  # issue 7's GPU targets: ViT-B/16 in bf16 at a GPU-sized batch, HF on the same GPU
+    "gpu": (  # the GPU figures: ViT-B/16 in bf16 at a GPU-sized batch, HF on the same GPU
         dict(configs="base224", methods="mae,lcmae,ae", backends="torch,jax,tensorflow", dtype="bfloat16",
              reference=True, batch=64, warmup=3, steps=10),
         dict(configs="tiny32", methods="mae,lcmae", backends="torch,jax,tensorflow", dtype="bfloat16",
@@ -762,7 +762,7 @@ def finetune_notes(run, records, found):
     return lines
 
 
-def markdown_report(sections, command, when=None, failures=(), note=None):
+def markdown_report(sections, command, when=None, failures=(), note=None, title=None, commit=None):
     """Markdown tables of the figures of ``sections`` (a list of
     ``(results, ratios)``, one per section, as :func:`run_section` returns),
     one table per config, naming the machine, the versions and the command.
@@ -771,13 +771,17 @@ def markdown_report(sections, command, when=None, failures=(), note=None):
     step, ours/HF at the same dtype), as do the lines under each table
     (best ours/best HF, input pipeline/fastest model, one AdamW update).
     ``failures`` (error records of jobs that did not finish) are listed at
-    the end, so a missing row is never silent."""
+    the end, so a missing row is never silent. The text is one section whose
+    heading names the date, ``title`` (e.g. the suite), the machine and the
+    commit, for :func:`add_markdown_section`."""
     when = when or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     everything = [r for results, _ in sections for r in results]
     devices = sorted({r["device"] for r in everything if r.get("device")})
     versions = sorted({r["version"] for r in everything if r.get("version")})
-    lines = ["# keras_lcmae benchmark", "",
-             f"Measured {when} on {'; '.join(devices) or 'an unknown device'}.", "",
+    device = "; ".join(devices) or "an unknown device"
+    title = f"## {when.split()[0]} — {title or 'benchmark'}, {device}, commit {commit or git_commit()}"
+    lines = [title, "",
+             f"Measured {when} on {device}.", "",
              f"Versions: {'; '.join(versions)}.", "",
              f"Command: `{command}`", "",
              "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds). A run is one "
@@ -843,7 +847,7 @@ def markdown_report(sections, command, when=None, failures=(), note=None):
                                  f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
                                  f"{torch_part} (Keras/recipe {q['value']:.3g}x).")
         batch = next((r["batch"] for r in everything if r["config"] == config and r.get("batch")), None)
-        lines += [f"## {describe_config(config, batch)}", ""]
+        lines += [f"### {describe_config(config, batch)}", ""]
         if rows:
             head = ["run", "backend", "jit_compile", "dtype"] + [f"{n} images/s" for n in METHOD_NAMES.values()] + [
                 "MAE TFLOP/s"] + (["MAE MFU"] if has_mfu else []) + [
@@ -854,17 +858,59 @@ def markdown_report(sections, command, when=None, failures=(), note=None):
         if notes:
             lines += notes + [""]
     if failures:
-        lines += ["## Jobs that failed", ""]
+        lines += ["### Jobs that failed", ""]
         lines += [f"- {f.get('config')} {f.get('method')} {f.get('backend')} jit={f.get('jit')}: "
                   f"{' '.join(f.get('error') or ['no output'])}" for f in failures]
         lines.append("")
     return "\n".join(lines)
 
 
+RESULTS_MARKER = ("<!-- results: newest first; tools/benchmark.py --markdown docs/benchmarks.md "
+                  "inserts new sections below this line -->")
+
+
+def git_commit():
+    """The short hash of the checkout's HEAD, with ``+changes`` when the work
+    tree differs from it; ``unknown`` outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def add_markdown_section(path, section):
+    """Adds one dated section (as :func:`markdown_report` writes) to the
+    markdown file ``path``, newest first: right under :data:`RESULTS_MARKER`
+    when the file has it (``docs/benchmarks.md``), at the top of any other
+    existing file, or as a new file with a title and the marker."""
+    section = section.strip() + "\n"
+    if not os.path.exists(path):
+        text = f"# Benchmarks\n\n{RESULTS_MARKER}\n\n{section}"
+    else:
+        with open(path) as f:
+            old = f.read()
+        at = old.find(RESULTS_MARKER)
+        if at >= 0:
+            end = old.index("\n", at) + 1 if "\n" in old[at:] else len(old)
+            rest = old[end:].lstrip("\n")
+            text = old[:end] + "\n" + section + ("\n" + rest if rest else "")
+        else:
+            text = section + "\n" + old
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default=None, choices=sorted(SUITES),
-                        help="run a fixed plan of sections: cpu (README's CPU table), gpu (issue 7's GPU targets), "
+                        help="run a fixed plan of sections: cpu (the CPU tables), gpu (ViT-B/16 in bf16 on a GPU), "
                              "smoke (a minute-long check); it sets the measurement flags itself")
     parser.add_argument("--markdown", default=None,
                         help="also write the figures as markdown tables naming the machine to this file ('-': stdout)")
@@ -931,12 +977,12 @@ def main():
     sections = [run_section(section_plan(args, spec)) for spec in specs]
     if args.markdown:
         text = markdown_report([s[:2] for s in sections], command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
-                               failures=[f for s in sections for f in s[2]], note=note)
+                               failures=[f for s in sections for f in s[2]], note=note,
+                               title=f"{args.suite} suite" if args.suite else None)
         if args.markdown == "-":
             print(text, end="")
         else:
-            with open(args.markdown, "w") as f:
-                f.write(text)
+            add_markdown_section(args.markdown, text)
 
 
 def pool(records, rounds):

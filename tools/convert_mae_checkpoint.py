@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Converts an official MAE checkpoint (``.pth`` or ``.npz``) to a ``.keras`` file.
+r"""Converts an official MAE checkpoint (``.pth`` or ``.npz``) to a ``.keras`` file.
 
     python tools/convert_mae_checkpoint.py --input mae_pretrain_vit_base_full.pth \
         --output mae_vitb16.keras --num_heads 12 --decoder_num_heads 16

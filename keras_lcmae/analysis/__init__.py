@@ -11,6 +11,7 @@
 ``tools/analyze.py`` runs them from the command line.
 
 Example:
+>>> import numpy as np
 >>> from keras_lcmae import ViTEncoder
 >>> from keras_lcmae.analysis import encoder_layers, attention_distance
 >>> enc = ViTEncoder.from_preset("vit_test")

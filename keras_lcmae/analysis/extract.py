@@ -55,6 +55,7 @@ def encoder_layers(model, images, ids_keep=None):
     ``(B, K)`` patch index of each token.
 
     Example:
+    >>> from keras_lcmae import ViTEncoder
     >>> enc = ViTEncoder.from_preset("vit_test")
     >>> out = encoder_layers(enc, np.zeros((2, 32, 32, 3), "float32"))
     >>> len(out["attention"]), out["attention"][0].shape
@@ -99,6 +100,15 @@ def decoder_layers(model, images, noise):
     ``features`` (list of ``(B, N, W)`` block outputs), ``pred`` ``(B, N,
     p*p*C)`` (equal to the model's ``pred``), ``mask`` ``(B, N)`` (1 =
     removed) and ``ids_restore``.
+
+    Example:
+    >>> from keras_lcmae import MAE, ViTEncoder
+    >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(hidden_dim=32, depth=1, num_heads=2))
+    >>> out = decoder_layers(mae, np.zeros((2, 32, 32, 3), "float32"), shared_noise(2, 16))
+    >>> out["attention"][0].shape, out["features"][0].shape, out["pred"].shape
+    ((2, 2, 17, 17), (2, 16, 32), (2, 16, 192))
+    >>> out["mask"].sum(axis=1).tolist(), bool((out["mask"][0] == out["mask"][1]).all())   # 12 removed, same mask
+    ([12.0, 12.0], True)
     """
     decoder = getattr(model, "decoder", None)
     if not hasattr(model, "forward_encoder") or decoder is None:
