@@ -58,35 +58,72 @@ def define_run_flags(defaults):
     blr, warmup_epochs, weight_decay and output_dir."""
     d = dict(min_lr=0.0, backup_every=0)
     d.update(defaults)
-    flags.DEFINE_integer("batch_size", d["batch_size"], "Effective global batch of one optimizer update (the lr rule "
+    flags.DEFINE_integer("batch_size", d["batch_size"], lower_bound=1, help="Effective global batch of one optimizer update (the lr rule "
                          "uses it); each device sees batch_size / (replicas x accum_steps) images per step.")
-    flags.DEFINE_integer("accum_steps", 1, "Gradient accumulation: micro-batches per optimizer update (official "
+    flags.DEFINE_integer("accum_steps", 1, lower_bound=1, help="Gradient accumulation: micro-batches per optimizer update (official "
                          "MAE's --accum_iter). The lr schedule, warmup, backups and the step count are in updates.")
-    flags.DEFINE_integer("epochs", d["epochs"], "Epochs.")
-    flags.DEFINE_integer("steps_per_epoch", None, "Optimizer updates per epoch (default: images // batch_size).")
-    flags.DEFINE_float("blr", d["blr"], "Base lr; lr = blr * batch_size / 256.")
-    flags.DEFINE_float("min_lr", d["min_lr"], "Final lr of the cosine.")
-    flags.DEFINE_float("warmup_epochs", d["warmup_epochs"], "Linear warmup epochs.")
-    flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay (not on 1-D parameters).")
+    flags.DEFINE_integer("epochs", d["epochs"], "Epochs.", lower_bound=1)
+    flags.DEFINE_integer("steps_per_epoch", None, "Optimizer updates per epoch (default: images // batch_size).",
+                         lower_bound=1)
+    flags.DEFINE_float("blr", d["blr"], "Base lr; lr = blr * batch_size / 256.", lower_bound=0)
+    flags.DEFINE_float("min_lr", d["min_lr"], "Final lr of the cosine.", lower_bound=0)
+    flags.DEFINE_float("warmup_epochs", d["warmup_epochs"], "Linear warmup epochs.", lower_bound=0)
+    flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay (not on 1-D parameters).", lower_bound=0)
     flags.DEFINE_enum("strategy", "none", list(STRATEGIES),
                       "Distribution: mirrored / multiworker (TF_CONFIG) / tpu on TensorFlow, data_parallel on JAX.")
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
-    flags.DEFINE_integer("host_devices", None, "Split the CPU into this many logical devices (try distribution "
+    flags.DEFINE_integer("host_devices", None, lower_bound=1, help="Split the CPU into this many logical devices (try distribution "
                          "on a laptop).")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"],
                       "Mixed precision: bf16, or fp16 with dynamic loss scaling; weights stay float32.")
     flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
-    flags.DEFINE_integer("backup_every", d["backup_every"], "Optimizer updates between preemption backups (0: at "
+    flags.DEFINE_integer("backup_every", d["backup_every"], lower_bound=0, help="Optimizer updates between preemption backups (0: at "
                          "each epoch end). Rerun the same command to resume.")
-    flags.DEFINE_integer("log_every", 0, "Write step-level scalars (loss, metrics, lr) to TensorBoard every N "
+    flags.DEFINE_integer("log_every", 0, lower_bound=0, help="Write step-level scalars (loss, metrics, lr) to TensorBoard every N "
                          "optimizer updates (0: per epoch only).")
     flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the plan (replicas, "
                       "micro-batch, accumulation, memory estimate); do not train.")
-    flags.DEFINE_float("device_memory_gb", None, "Memory of one device in GB: --dry_run warns when the estimate "
+    flags.DEFINE_float("device_memory_gb", None, lower_bound=0, help="Memory of one device in GB: --dry_run warns when the estimate "
                        "does not fit.")
     flags.DEFINE_string("output_dir", d["output_dir"], "Run folder.")
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
     define_keep_freed_memory_flag()
+
+
+def check_numbers():
+    """Registers, for every number flag defined so far, a check that it is
+    finite (absl reads ``nan`` and ``inf`` as floats, and its bounds let a
+    NaN through). Called by each script once its flags are defined; the
+    bounds themselves are the ``lower_bound`` / ``upper_bound`` of each
+    definition. A bad value then stops the parse with one line naming the
+    flag (``flag --blr=nan: must be a finite number``)."""
+    import math
+
+    for name in list(FLAGS):
+        flag = FLAGS[name]
+        if name == flag.name and isinstance(flag.parser, flags.FloatParser) and name not in _FINITE:
+            flags.register_validator(name, lambda v: v is None or math.isfinite(v), "must be a finite number")
+            _FINITE.add(name)
+
+
+_FINITE = set()
+
+
+def run(main):
+    """``absl.app.run(main)``, with a ``UsageError`` raised by ``main`` (a
+    flag value the checks after parsing refuse: a missing file, flags that
+    do not fit together) printed as one line naming the flag, instead of
+    absl's whole usage text above it; exit status 1, as absl's own parse
+    errors."""
+
+    def checked(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            print(f"FATAL Flags error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    app.run(checked)
 
 
 def define_keep_freed_memory_flag():
@@ -113,18 +150,20 @@ def define_eval_flags(defaults):
     flags.DEFINE_string("model", d["model"], "Encoder preset for --encoder=random.")
     flags.DEFINE_string("architecture_of", None, "With --encoder=random: copy the architecture (not the weights) "
                         "of this encoder.keras, so that the baseline matches a pretrained encoder exactly.")
-    flags.DEFINE_integer("hidden_dim", None, "Override the preset's width (--encoder=random).")
-    flags.DEFINE_integer("depth", None, "Override the preset's depth (--encoder=random).")
-    flags.DEFINE_integer("num_heads", None, "Override the preset's heads (--encoder=random).")
-    flags.DEFINE_integer("image_size", d["image_size"], "Input side in pixels (must match the encoder).")
-    flags.DEFINE_integer("patch_size", d["patch_size"], "Patch side for --encoder=random (default: the --model "
+    flags.DEFINE_integer("hidden_dim", None, "Override the preset's width (--encoder=random).", lower_bound=1)
+    flags.DEFINE_integer("depth", None, "Override the preset's depth (--encoder=random).", lower_bound=1)
+    flags.DEFINE_integer("num_heads", None, "Override the preset's heads (--encoder=random).", lower_bound=1)
+    flags.DEFINE_integer("image_size", d["image_size"], "Input side in pixels (must match the encoder).",
+                         lower_bound=1)
+    flags.DEFINE_integer("patch_size", d["patch_size"], lower_bound=1, help="Patch side for --encoder=random (default: the --model "
                          "preset's: 14 for vit_huge, else 16).")
-    flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).")
-    flags.DEFINE_integer("num_classes", None, "Classes of the head (default: read from the data; checked against "
+    flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
+    flags.DEFINE_integer("num_classes", None, lower_bound=2, help="Classes of the head (default: read from the data; checked against "
                          "it; needed for TFRecords).")
     flags.DEFINE_enum("pool", d["pool"], ["cls", "avg"], "Features: the [CLS] token or the mean patch token.")
-    flags.DEFINE_integer("train_limit", None, "Use only the first N training images (quick runs).")
-    flags.DEFINE_integer("val_limit", None, "Evaluate on the first N validation images only (quick runs).")
+    flags.DEFINE_integer("train_limit", None, "Use only the first N training images (quick runs).", lower_bound=1)
+    flags.DEFINE_integer("val_limit", None, "Evaluate on the first N validation images only (quick runs).",
+                         lower_bound=1)
     define_run_flags(d)
 
 
@@ -134,19 +173,10 @@ def define_eval_flags(defaults):
 
 
 def validate_run_flags():
-    """The run flags, checked before any work."""
-    for name in ("batch_size", "epochs", "accum_steps"):
-        if getattr(FLAGS, name) < 1:
-            raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}.")
-    for name in ("backup_every", "log_every"):
-        if getattr(FLAGS, name) < 0:
-            raise app.UsageError(f"--{name} must be >= 0 (0: off), got {getattr(FLAGS, name)}.")
-    if FLAGS.steps_per_epoch is not None and FLAGS.steps_per_epoch < 1:
-        raise app.UsageError(f"--steps_per_epoch must be >= 1, got {FLAGS.steps_per_epoch}.")
+    """The run flags' relations, checked before any work (each flag's own
+    range is checked when the flags are parsed: :func:`check_numbers`)."""
     if FLAGS.device_memory_gb is not None and not FLAGS.device_memory_gb > 0:
         raise app.UsageError(f"--device_memory_gb must be > 0, got {FLAGS.device_memory_gb}.")
-    if FLAGS.host_devices is not None and FLAGS.host_devices < 1:
-        raise app.UsageError(f"--host_devices must be >= 1, got {FLAGS.host_devices}.")
     if FLAGS.batch_size % FLAGS.accum_steps:
         raise app.UsageError(
             f"--batch_size={FLAGS.batch_size} is not divisible by --accum_steps={FLAGS.accum_steps}: "

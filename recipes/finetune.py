@@ -29,15 +29,18 @@ from recipes import common  # noqa: E402
 FLAGS = flags.FLAGS
 common.define_eval_flags(dict(batch_size=1024, epochs=100, blr=5e-4, warmup_epochs=5, weight_decay=0.05,
                               pool="avg", output_dir="runs/finetune"))
-flags.DEFINE_float("layer_decay", 0.65, "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).")
-flags.DEFINE_float("drop_path", 0.1, "Stochastic depth rate of the last block.")
-flags.DEFINE_float("smoothing", 0.1, "Label smoothing.")
-flags.DEFINE_float("mixup", 0.8, "Mixup alpha (0: off).")
-flags.DEFINE_float("cutmix", 1.0, "CutMix alpha (0: off).")
-flags.DEFINE_float("reprob", 0.25, "Random erasing probability.")
-flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).")
-flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).")
-flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).")
+flags.DEFINE_float("layer_decay", 0.65, "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_float("drop_path", 0.1, "Stochastic depth rate of the last block.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("smoothing", 0.1, "Label smoothing.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("mixup", 0.8, "Mixup alpha (0: off).", lower_bound=0)
+flags.DEFINE_float("cutmix", 1.0, "CutMix alpha (0: off).", lower_bound=0)
+flags.DEFINE_float("reprob", 0.25, "Random erasing probability.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).", lower_bound=0)
+flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).", lower_bound=0)
+common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
@@ -135,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 common.define_eval_flags(dict(batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0,
                               pool="cls", output_dir="runs/linprobe"))
 flags.DEFINE_bool("cache_features", False, "Train the head on features computed once (no crop augmentation).")
+common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
@@ -130,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

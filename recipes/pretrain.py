@@ -26,50 +26,67 @@ from absl import app, flags  # noqa: E402
 from recipes import common  # noqa: E402
 
 FLAGS = flags.FLAGS
+SETTINGS = tuple("abcdefg")  # the keys of keras_lcmae.models.SETTINGS (parsing the flags imports no Keras)
 flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
-flags.DEFINE_integer("image_size", 224, "Input side in pixels.")
-flags.DEFINE_integer("patch_size", None, "Patch side in pixels (default: the --model preset's: 14 for vit_huge, "
+flags.DEFINE_integer("image_size", 224, "Input side in pixels.", lower_bound=1)
+flags.DEFINE_integer("patch_size", None, lower_bound=1, help="Patch side in pixels (default: the --model preset's: 14 for vit_huge, "
                      "as official MAE's ViT-H/14, else 16).")
-flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).")
+flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
 flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge.")
-flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.")
-flags.DEFINE_integer("depth", None, "Override the preset's depth.")
-flags.DEFINE_integer("num_heads", None, "Override the preset's heads.")
+flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
+flags.DEFINE_integer("depth", None, "Override the preset's depth.", lower_bound=1)
+flags.DEFINE_integer("num_heads", None, "Override the preset's heads.", lower_bound=1)
 flags.DEFINE_enum("method", "lcmae", ["mae", "lcmae", "ae"],
                   "Pretraining method; ae = AutoEncoder(k), no masking (LC-MAE paper Table 3, see --block_size).")
-flags.DEFINE_integer("block_size", None, "--method=ae: side k in pixels of the block each token predicts "
+flags.DEFINE_integer("block_size", None, lower_bound=1, help="--method=ae: side k in pixels of the block each token predicts "
                      "(default: --patch_size; k >= patch_size, k - patch_size even).")
-flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.")
+flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.", lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("norm_pix_loss", True, "Reconstruct per-patch normalised pixels.")
 flags.DEFINE_string("setting", "a", "LC-MAE loss setting a-g (Table 1).")
-flags.DEFINE_float("w_mae", None, "Explicit L_MAE weight (overrides --setting).")
-flags.DEFINE_float("w_cross", None, "Explicit L_cross weight (overrides --setting).")
-flags.DEFINE_float("w_in", None, "Explicit L_in weight (overrides --setting).")
-flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).")
-flags.DEFINE_integer("decoder_width", 512, "Decoder width.")
-flags.DEFINE_integer("decoder_heads", 16, "Decoder heads.")
+flags.register_validator("setting", lambda v: v.strip().strip("()").lower() in SETTINGS,
+                         "must be one of the LC-MAE settings a-g (Table 1 of the paper)")
+flags.DEFINE_float("w_mae", None, "Explicit L_MAE weight (overrides --setting).", lower_bound=0)
+flags.DEFINE_float("w_cross", None, "Explicit L_cross weight (overrides --setting).", lower_bound=0)
+flags.DEFINE_float("w_in", None, "Explicit L_in weight (overrides --setting).", lower_bound=0)
+flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).", lower_bound=1)
+flags.DEFINE_integer("decoder_width", 512, "Decoder width.", lower_bound=1)
+flags.DEFINE_integer("decoder_heads", 16, "Decoder heads.", lower_bound=1)
 flags.DEFINE_enum("decoder", "transformer", ["transformer", "gaussian", "conv"],
                   "Decoder (LC-MAE paper Table 2): transformer, gaussian weighted average + MLP, or one conv layer.")
-flags.DEFINE_integer("decoder_kernel", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).")
-flags.DEFINE_float("gaussian_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).")
-flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.")
+flags.DEFINE_integer("decoder_kernel", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).", lower_bound=1)
+flags.DEFINE_float("gaussian_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).", lower_bound=0)
+flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.", lower_bound=1)
 flags.DEFINE_enum("projector_input", "pred", ["pred", "hidden"], "What the projector reads.")
 flags.DEFINE_enum("masking", "random", ["random", "self_guided"],
                   "random (official MAE) or self_guided (Self-guided MAE informed masks; MAE and LC-MAE).")
-flags.DEFINE_integer("informed_start_epoch", 0, "--masking=self_guided: first epoch (0-based) with informed masks.")
-flags.DEFINE_float("hint_ratio", 0.05, "--masking=self_guided: fraction of the masked patches given back as hints.")
+flags.DEFINE_integer("informed_start_epoch", 0, lower_bound=0, help="--masking=self_guided: first epoch (0-based) with informed masks.")
+flags.DEFINE_float("hint_ratio", 0.05, lower_bound=0, upper_bound=1, help="--masking=self_guided: fraction of the masked patches given back as hints.")
 flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block index (-1: last) or 'decoder'.")
 common.define_run_flags(dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
                              output_dir="runs/pretrain"))
-flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.")
-flags.DEFINE_integer("monitor_every", 1, "Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).")
+flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.", lower_bound=1)
+flags.DEFINE_integer("monitor_every", 1, lower_bound=0, help="Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).")
 flags.DEFINE_enum("monitor_pool", "cls", ["cls", "avg"], "Monitor features: [CLS] token or mean patch token.")
-flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.")
-flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.")
-flags.DEFINE_integer("online_probe_every", 1, "Steps between online linear-probe steps (0: no online probe; "
+flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.", lower_bound=1)
+flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.", lower_bound=1)
+flags.DEFINE_integer("online_probe_every", 1, lower_bound=0, help="Steps between online linear-probe steps (0: no online probe; "
                      "fashion_mnist with --monitor_every only).")
+common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
+
+
+def loss_weights_from_flags():
+    """LCMAE's ``loss_weights``: the ``--setting`` letter, or with any of
+    ``--w_mae`` / ``--w_cross`` / ``--w_in`` given, the setting's weights
+    with those replaced."""
+    explicit = (FLAGS.w_mae, FLAGS.w_cross, FLAGS.w_in)
+    if all(w is None for w in explicit):
+        return FLAGS.setting
+    from keras_lcmae.models import resolve_loss_weights
+
+    base = resolve_loss_weights(FLAGS.setting)
+    return {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
 
 
 def build_dataset(batch_size):
@@ -135,14 +152,7 @@ def build_model(channels):
                   hint_ratio=FLAGS.hint_ratio, guide_layer=parse_guide_layer(FLAGS.guide_layer))
     if FLAGS.method == "mae":
         return MAE(encoder, decoder, **shared)
-    weights = FLAGS.setting
-    explicit = (FLAGS.w_mae, FLAGS.w_cross, FLAGS.w_in)
-    if any(w is not None for w in explicit):
-        from keras_lcmae.models import resolve_loss_weights
-
-        base = resolve_loss_weights(FLAGS.setting)
-        weights = {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
-    return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=weights,
+    return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=loss_weights_from_flags(),
                  projector_input=FLAGS.projector_input, **shared)
 
 
@@ -258,8 +268,13 @@ def validate_flags():
     except ValueError as e:
         raise app.UsageError(f"--mask_ratio: {e}") from None
     validate_decoder_flags()
-    if FLAGS.method == "lcmae" and FLAGS.setting.strip("()").lower() not in "abcdefg":
-        raise app.UsageError(f"--setting: unknown LC-MAE setting {FLAGS.setting!r}; choose a-g.")
+    if FLAGS.method == "lcmae":
+        from keras_lcmae.models import resolve_loss_weights
+
+        try:
+            resolve_loss_weights(loss_weights_from_flags())
+        except ValueError as e:
+            raise app.UsageError(f"--setting/--w_mae/--w_cross/--w_in: {e}") from None
     common.validate_run_flags()
     validate_masking_flags()
     if FLAGS.online_probe_every < 0:
@@ -328,4 +343,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

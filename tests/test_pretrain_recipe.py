@@ -91,7 +91,7 @@ def test_short_run_writes_everything(tmp_path):
         ("--strategy=mirrored --host_devices=2 --batch_size=15", "--batch_size=15"),
         ("--strategy=multiworker", "TF_CONFIG"),
         ("--accum_steps=3", "--accum_steps=3"),  # 16 images do not split into 3 micro-batches
-        ("--accum_steps=0", "--accum_steps must be >= 1"),
+        ("--accum_steps=0", "flag --accum_steps=0: 0 is not a positive integer"),
         ("--strategy=mirrored --host_devices=2 --accum_steps=4 --batch_size=12", "x --accum_steps=4 = 8"),
         ("--log_every=-1", "--log_every"),
     ],
