@@ -723,18 +723,19 @@ class OnlineLinearProbe(keras.callbacks.Callback):
 
 
 class InformedMaskingSchedule(keras.callbacks.Callback):
-    """Switches a ``masking="self_guided"`` MAE/LCMAE from random to informed
-    masks: at the start of each epoch it sets the model's non-trainable
-    ``informed_active`` variable to 1 when ``epoch >= start_epoch`` and to 0
-    before (``start_epoch`` defaults to the model's ``informed_start_epoch``).
+    """Switches an MAE/LCMAE with :class:`~keras_lcmae.masking.SelfGuidedMasking`
+    from random to informed masks: at the start of each epoch it sets the
+    model's non-trainable ``informed_active`` variable to 1 when
+    ``epoch >= start_epoch`` and to 0 before (``start_epoch`` defaults to the
+    strategy's ``informed_start_epoch``).
     The compiled step reads the variable, so one graph serves both phases, and
     a run resumed by ``BackupAndRestore`` gets the right value for its epoch.
 
     Example (``fit`` calls ``on_epoch_begin`` itself):
 
-    >>> from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    >>> from keras_lcmae import MAE, SelfGuidedMasking, TransformerDecoder, ViTEncoder
     >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
-    ...           masking="self_guided", informed_start_epoch=2)
+    ...           masking=SelfGuidedMasking(informed_start_epoch=2))
     >>> schedule = InformedMaskingSchedule()   # mae.fit(..., callbacks=[schedule])
     >>> schedule.set_model(mae)
     >>> for epoch in range(4):
@@ -757,7 +758,7 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
         variable = getattr(self.model, "informed_active", None)
         if variable is None:
             raise ValueError(
-                "InformedMaskingSchedule needs a model built with masking='self_guided' "
+                "InformedMaskingSchedule needs a model built with masking=SelfGuidedMasking(...) "
                 f"(got masking={getattr(self.model, 'masking', None)!r})."
             )
         return variable
@@ -766,7 +767,7 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
         self._variable()
 
     def on_epoch_begin(self, epoch, logs=None):
-        start = self.model.informed_start_epoch if self.start_epoch is None else int(self.start_epoch)
+        start = self.model.masking.informed_start_epoch if self.start_epoch is None else int(self.start_epoch)
         self._variable().assign(1.0 if epoch >= start else 0.0)
 
 
@@ -831,7 +832,7 @@ def pretrain_callbacks(
     from the last good state. A damaged newest backup falls back to the
     previous generation."""
     before = list(monitors)
-    if getattr(model, "masking", "random") == "self_guided":
+    if getattr(model, "informed_active", None) is not None:
         before.insert(0, InformedMaskingSchedule())
     if skipped is not None:
         before.append(SkippedFilesWarning(skipped))

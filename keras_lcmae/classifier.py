@@ -30,7 +30,7 @@ import keras
 from keras import ops
 
 from keras_lcmae.encoder import ViTEncoder
-from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm, run_blocks
+from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm
 from keras_lcmae.ops import resize_pos_embed, to_2tuple
 from keras_lcmae.optim import CompilesFromConfig, ReleasesGradients
 
@@ -308,10 +308,7 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
             training = False  # a frozen feature extractor
         if self.pool == "cls":
             return encoder(images, training=training)[:, 0, :]
-        x = encoder.embed(images)
-        cls = ops.cast(encoder.cls_token + encoder.pos_embed[:, :1, :], x.dtype)
-        cls = ops.broadcast_to(cls, (ops.shape(x)[0], 1, encoder.hidden_dim))
-        x, _ = run_blocks(encoder.blocks, ops.concatenate([cls, x], axis=1), training)
+        x = encoder.forward_intermediates(encoder.embed(images), training=training, norm=False)["output"]
         return self.fc_norm(ops.mean(x[:, 1:, :], axis=1))
 
     def call(self, images, training=None):

@@ -177,20 +177,75 @@ class ViTEncoder(keras.Model):
         x = self.patch_embed(images)
         return x + ops.cast(self.pos_embed[:, 1:, :], x.dtype)
 
+    def prepend_cls(self, x):
+        """``[CLS]`` (with its position) prepended to tokens ``(B, K, D)``."""
+        cls = ops.cast(self.cls_token + self.pos_embed[:, :1, :], x.dtype)
+        return ops.concatenate([ops.broadcast_to(cls, (ops.shape(x)[0], 1, self.hidden_dim)), x], axis=1)
+
+    def forward_intermediates(
+        self, x, indices=None, training=None, norm=True, stop_early=False, return_attention=False
+    ):
+        """The encoder's token pass, with what happens on the way on request.
+
+        Every caller that runs the blocks (training, the classifier's pooling,
+        the self-guided masking's guide pass, the analyses) goes through this
+        method.
+
+        Args:
+            x: tokens from :meth:`embed`, ``(B, K, D)``: all patches or a
+                visible subset, without ``[CLS]``.
+            indices: block indices (negative ones count from the end) whose
+                outputs to return, or ``None`` for none.
+            training: as for Keras layers.
+            norm: apply the final norm (if the encoder has one) to ``output``.
+            stop_early: run the blocks only up to the last of ``indices``;
+                ``output`` is then that block's output, without the norm.
+            return_attention: also return each block's attention weights.
+
+        Returns a dict: ``output`` ``(B, 1+K, D)``; ``intermediates``, the
+        outputs of the blocks in ``indices`` (residual stream, ``[CLS]``
+        first, before the final norm), in the order asked; ``attention``, the
+        ``(B, heads, 1+K, 1+K)`` weights of every block run (empty unless
+        asked).
+
+        Example:
+        >>> enc = ViTEncoder.from_preset("vit_test")
+        >>> tokens = enc.embed(np.zeros((2, 32, 32, 3), "float32"))
+        >>> out = enc.forward_intermediates(tokens, indices=[0, -1], return_attention=True)
+        >>> [tuple(t.shape) for t in out["intermediates"]], len(out["attention"])
+        ([(2, 17, 32), (2, 17, 32)], 2)
+        """
+        depth = len(self.blocks)
+        wanted = []
+        for i in [] if indices is None else list(indices):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -depth <= i < depth:
+                raise ValueError(f"indices must be block indices in [-{depth}, {depth}), got {indices!r}.")
+            wanted.append(int(i) % depth)
+        if stop_early and not wanted:
+            raise ValueError("stop_early needs the indices of the blocks to return.")
+        x = self.prepend_cls(x)
+        kept, attention, start = {}, [], 0
+        for end in sorted(set(wanted)):
+            x, attn = run_blocks(self.blocks[start : end + 1], x, training, return_attention)
+            attention.extend(attn)
+            kept[end], start = x, end + 1
+        if not stop_early:
+            x, attn = run_blocks(self.blocks[start:], x, training, return_attention)
+            attention.extend(attn)
+            if norm and self.norm is not None:
+                x = self.norm(x)
+        return {"output": x, "intermediates": [kept[i] for i in wanted], "attention": attention}
+
     def forward_tokens(self, x, training=None, return_attention=False):
         """Prepends ``[CLS]`` to tokens from :meth:`embed` (all of them or a
-        visible subset) and runs the blocks and final norm.
+        visible subset) and runs the blocks and final norm
+        (:meth:`forward_intermediates` without intermediates).
 
         Returns ``(B, 1 + K, D)``, and with ``return_attention=True`` also the
         list of per-block attention weights ``(B, heads, 1+K, 1+K)``.
         """
-        cls = ops.cast(self.cls_token + self.pos_embed[:, :1, :], x.dtype)
-        cls = ops.broadcast_to(cls, (ops.shape(x)[0], 1, self.hidden_dim))
-        x = ops.concatenate([cls, x], axis=1)
-        x, attentions = run_blocks(self.blocks, x, training, return_attention)
-        if self.norm is not None:
-            x = self.norm(x)
-        return (x, attentions) if return_attention else x
+        out = self.forward_intermediates(x, training=training, return_attention=return_attention)
+        return (out["output"], out["attention"]) if return_attention else out["output"]
 
     def call(self, images, training=None):
         return self.forward_tokens(self.embed(images), training=training)

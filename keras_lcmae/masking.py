@@ -1,6 +1,9 @@
 """Masking strategies.
 
-``random_masking`` follows the official MAE exactly: per-sample noise
+A model takes its masking as a strategy object (``MAE(..., masking=RandomMasking())``
+or ``masking=SelfGuidedMasking(...)``; the strings ``"random"`` and
+``"self_guided"`` give the defaults of each). Both strategies end in
+:func:`random_masking`, which follows the official MAE exactly: per-sample noise
 ``~ U(0, 1)``, ``ids_shuffle = argsort(noise)``, the first
 ``int(N * (1 - mask_ratio))`` shuffled positions stay visible,
 ``ids_restore = argsort(ids_shuffle)`` and the binary mask is 1 where a patch
@@ -11,6 +14,7 @@ same mask.
 import keras
 from keras import ops
 
+from keras_lcmae.clustering import bipartition
 from keras_lcmae.distribute import replica_uniform
 from keras_lcmae.ops import take_tokens
 
@@ -191,3 +195,197 @@ def informed_masking(x, mask_ratio, assignments, hint_ratio=0.05, noise=None, se
     """
     noise = informed_noise(assignments, mask_ratio, hint_ratio, noise=noise, seed=seed)
     return random_masking(x, mask_ratio, noise=noise)
+
+
+# -- strategies: what a model calls to mask its tokens ---------------------------
+
+
+def _is_whole(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class RandomMasking:
+    """Official MAE masking: each image keeps a uniformly random subset of
+    ``int(N * (1 - mask_ratio))`` patches (:func:`random_masking`).
+
+    A strategy is called by its model as ``strategy(model, tokens, noise)``;
+    ``mask_ratio`` and the seed generator belong to the model.
+
+    Example:
+    >>> from keras_lcmae import MAE, ViTEncoder
+    >>> mae = MAE(ViTEncoder.from_preset("vit_test"), masking=RandomMasking())
+    >>> out = mae.masking(mae, keras.random.normal((2, 16, 32)))
+    >>> tuple(out["mask"].shape), float(ops.sum(out["mask"]))
+    ((2, 16), 24.0)
+    """
+
+    name = "random"
+
+    def build(self, model):
+        """Binds the strategy to ``model`` (nothing to set up here)."""
+
+    def __call__(self, model, x, noise=None, guide_tokens=None, views=1):
+        """Masks tokens ``x`` ``(B, N, D)``; returns :func:`random_masking`'s dict."""
+        return random_masking(x, model.mask_ratio, noise=noise, seed=model.seed_generator)
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+@keras.saving.register_keras_serializable(package="keras_lcmae")
+class SelfGuidedMasking(RandomMasking):
+    """Self-guided informed masking (Self-guided MAE, Shin et al. 2024).
+
+    From ``informed_start_epoch`` on, each image's patches are bi-partitioned
+    (:func:`keras_lcmae.clustering.bipartition`) on the model's own features of
+    **all** patches, and cluster 1 is masked first, with ``hint_ratio`` of the
+    masked budget given back as visible hints (:func:`informed_noise`).
+    Explicit ``noise`` always gives official random masking.
+
+    Args:
+        informed_start_epoch: first epoch (0-based) with informed masks;
+            random masks before it. The switch is the model's non-trainable
+            variable ``informed_active``, which :meth:`build` creates and
+            :class:`keras_lcmae.callbacks.InformedMaskingSchedule` sets at each
+            epoch start (without that callback it keeps its initial value:
+            1 iff ``informed_start_epoch == 0``).
+        hint_ratio: fraction of the masked patches given back as hints, in [0, 1).
+        guide_layer: features guiding the partition: an encoder block index
+            (``-1``, the default, is the last block; its output before the
+            final norm) or ``"decoder"`` (the decoder's last hidden features
+            with nothing masked). They are computed on all ``N`` patches in
+            inference mode under ``stop_gradient``: one extra forward pass
+            (encoder up to that block, or encoder + decoder) per step with no
+            backward, about ``1/(1 - mask_ratio)`` times the cost of the
+            visible-token encoder pass.
+
+    For LC-MAE (``views=2``) the partition is computed once per image and both
+    views mask the **same** cluster first, with independent noise (their
+    hints, the order inside each level and so the masks differ).
+
+    A strategy instance belongs to the one model it was built with.
+
+    Example:
+    >>> from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    >>> mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(32, depth=1, num_heads=2),
+    ...           masking=SelfGuidedMasking(informed_start_epoch=1, guide_layer=0))
+    >>> float(ops.convert_to_numpy(mae.informed_active))   # random masks until epoch 1
+    0.0
+    >>> mae.masking
+    SelfGuidedMasking(informed_start_epoch=1, hint_ratio=0.05, guide_layer=0)
+    """
+
+    name = "self_guided"
+
+    def __init__(self, informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1):
+        if not _is_whole(informed_start_epoch) or informed_start_epoch < 0:
+            raise ValueError(
+                f"informed_start_epoch must be an integer >= 0 (the first epoch with informed masks), "
+                f"got {informed_start_epoch!r}."
+            )
+        if guide_layer != "decoder" and (isinstance(guide_layer, bool) or not isinstance(guide_layer, int)):
+            raise ValueError(f"guide_layer must be an encoder block index or 'decoder', got {guide_layer!r}.")
+        num_hints(4, 0.5, hint_ratio)  # the range check of hint_ratio alone
+        self.informed_start_epoch = int(informed_start_epoch)
+        self.hint_ratio = float(hint_ratio)
+        self.guide_layer = guide_layer
+        self.informed_active = None
+        self._model = None
+
+    def build(self, model):
+        """Checks the arguments against ``model``'s geometry and creates the
+        model's ``informed_active`` variable."""
+        if self._model is not None and self._model is not model:
+            raise ValueError("This SelfGuidedMasking is already built for another model; give each model its own.")
+        if self._model is model:
+            return
+        num_hints(model.encoder.num_patches, model.mask_ratio, self.hint_ratio)
+        depth = model.encoder.depth
+        if self.guide_layer != "decoder" and not -depth <= self.guide_layer < depth:
+            raise ValueError(
+                f"guide_layer must be an encoder block index in [-{depth}, {depth}) (-1: last block) or "
+                f"'decoder', got {self.guide_layer!r}."
+            )
+        self._model = model
+        self.informed_active = model.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(1.0 if self.informed_start_epoch == 0 else 0.0),
+            trainable=False,
+            name="informed_active",
+        )
+
+    def guide_features(self, model, tokens):
+        """Features of **all** patches that guide the informed mask,
+        ``(B, N, F)``: ``tokens`` from ``encoder.embed`` through the encoder
+        up to block ``guide_layer`` (or the whole encoder and the decoder with
+        nothing masked when ``guide_layer="decoder"``), in inference mode,
+        without gradient."""
+        x = ops.stop_gradient(tokens)
+        encoder = model.encoder
+        if self.guide_layer == "decoder":
+            latent = encoder.forward_tokens(x, training=False)
+            ids = ops.arange(encoder.num_patches, dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
+            features = model.decoder(latent, ids, training=False)["hidden"]
+        else:
+            out = encoder.forward_intermediates(x, indices=[self.guide_layer], training=False, stop_early=True)
+            features = out["intermediates"][0][:, 1:]
+        return ops.stop_gradient(features)
+
+    def __call__(self, model, x, noise=None, guide_tokens=None, views=1):
+        """Informed masking of tokens ``x`` ``(B, N, D)``, blended by
+        ``informed_active`` (0: exactly the random mask of the same draw; 1:
+        informed); official random masking when ``noise`` is given. For
+        ``views > 1`` ``x`` stacks ``views`` copies of ``guide_tokens`` on the
+        batch axis: the partition is computed once and shared, the noise is
+        independent per row."""
+        if noise is not None:
+            return random_masking(x, model.mask_ratio, noise=noise)
+        u = replica_uniform(ops.shape(x)[:2], model.seed_generator)
+        assignments = bipartition(self.guide_features(model, x if guide_tokens is None else guide_tokens))
+        if views > 1:
+            assignments = ops.concatenate([assignments] * views, axis=0)
+        informed = informed_noise(assignments, model.mask_ratio, self.hint_ratio, noise=u)
+        active = ops.greater(ops.convert_to_tensor(self.informed_active), 0.5)
+        return random_masking(x, model.mask_ratio, noise=ops.where(active, informed, u))
+
+    def get_config(self):
+        return {
+            "informed_start_epoch": self.informed_start_epoch,
+            "hint_ratio": self.hint_ratio,
+            "guide_layer": self.guide_layer,
+        }
+
+
+STRATEGIES = {"random": RandomMasking, "self_guided": SelfGuidedMasking}
+
+
+def get_masking(masking):
+    """A masking strategy from a strategy, a name (``"random"``,
+    ``"self_guided"``) or a serialized strategy dict.
+
+    Example:
+    >>> get_masking("self_guided")
+    SelfGuidedMasking(informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1)
+    """
+    if isinstance(masking, RandomMasking):
+        return masking
+    if isinstance(masking, dict):
+        return keras.saving.deserialize_keras_object(masking)
+    if isinstance(masking, str) and masking in STRATEGIES:
+        return STRATEGIES[masking]()
+    raise ValueError(
+        f"masking must be a strategy (RandomMasking(), SelfGuidedMasking(...)) or one of {tuple(STRATEGIES)}, "
+        f"got {masking!r}."
+    )

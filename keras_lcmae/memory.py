@@ -284,20 +284,21 @@ def model_geometry(model, **overrides):
     from keras_lcmae.classifier import ViTClassifier  # noqa: PLC0415
     from keras_lcmae.decoders import ConvDecoder, GaussianAverageDecoder  # noqa: PLC0415
     from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415
-    from keras_lcmae.models import LCMAE, MAE, AutoEncoder  # noqa: PLC0415
+    from keras_lcmae.models import LCMAE, AutoEncoder, ReconstructionModel  # noqa: PLC0415
 
     fields = {}
     if isinstance(model, ViTClassifier):
         encoder = model.encoder
         fields.update(job="linprobe" if model.linear_probe else "finetune", num_classes=model.num_classes,
                       pool=model.pool)
-    elif isinstance(model, MAE):
+    elif isinstance(model, ReconstructionModel):
         encoder = model.encoder
         job = "lcmae" if isinstance(model, LCMAE) else "ae" if isinstance(model, AutoEncoder) else "mae"
         decoder = model.decoder
         kind = "gaussian" if isinstance(decoder, GaussianAverageDecoder) else "conv" if isinstance(decoder, ConvDecoder) else "transformer"
-        fields.update(job=job, mask_ratio=model.mask_ratio, decoder=kind, decoder_hidden_dim=decoder.hidden_dim,
-                      output_dim=model.decoder_output_dim())
+        fields.update(job=job, decoder=kind, decoder_hidden_dim=decoder.hidden_dim, output_dim=model.decoder_output_dim())
+        if job != "ae":  # AE(k) masks nothing
+            fields.update(mask_ratio=model.mask_ratio)
         if kind == "transformer":
             fields.update(decoder_depth=decoder.depth, decoder_num_heads=decoder.num_heads,
                           decoder_mlp_ratio=decoder.mlp_ratio)

@@ -11,7 +11,15 @@ from keras import ops
 from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
 from keras_lcmae.callbacks import InformedMaskingSchedule, pretrain_callbacks
 from keras_lcmae.clustering import bipartition
-from keras_lcmae.masking import informed_masking, informed_noise, num_hints, num_visible, random_masking
+from keras_lcmae.masking import (
+    RandomMasking,
+    SelfGuidedMasking,
+    informed_masking,
+    informed_noise,
+    num_hints,
+    num_visible,
+    random_masking,
+)
 from tests.helpers import assert_config_mirrors_init, to_np
 
 
@@ -109,12 +117,12 @@ def images(rng, b=4):
 
 
 def assignments_of(model, x):
-    return to_np(bipartition(model.guide_features(model.encoder.embed(x))))
+    return to_np(bipartition(model.masking.guide_features(model, model.encoder.embed(x))))
 
 
 def test_switch_in_call_random_before_informed_after(rng):
     x = images(rng, 6)
-    guided = tiny(depth=2, masking="self_guided", informed_start_epoch=3, hint_ratio=0.1, guide_layer=0, seed=7)
+    guided = tiny(depth=2, masking=SelfGuidedMasking(informed_start_epoch=3, hint_ratio=0.1, guide_layer=0), seed=7)
     plain = tiny(depth=2, seed=7)
     assert float(to_np(guided.informed_active)) == 0.0 and plain.informed_active is None
     # before the switch: exactly the official random mask of the same draw
@@ -140,19 +148,22 @@ def test_switch_in_call_random_before_informed_after(rng):
 
 def test_guide_layer_picks_the_block(rng):
     x = images(rng, 2)
-    model = tiny(depth=2, masking="self_guided", guide_layer=0)
+    model = tiny(depth=2, masking=SelfGuidedMasking(guide_layer=0))
     tokens = model.encoder.embed(x)
     enc = model.encoder
     cls = ops.broadcast_to(enc.cls_token + enc.pos_embed[:, :1, :], (2, 1, enc.hidden_dim))
     expected = enc.blocks[0](ops.concatenate([cls, tokens], axis=1), training=False)[:, 1:]
-    np.testing.assert_allclose(to_np(model.guide_features(tokens)), to_np(expected), atol=1e-5)
-    model.guide_layer = "decoder"
-    assert tuple(model.guide_features(tokens).shape) == (2, 16, 32)
+    np.testing.assert_allclose(to_np(model.masking.guide_features(model, tokens)), to_np(expected), atol=1e-5)
+    model.masking.guide_layer = "decoder"
+    latent = enc.forward_tokens(tokens, training=False)
+    ids = np.tile(np.arange(16, dtype="int32")[None], (2, 1))
+    expected = model.decoder(latent, ids, training=False)["hidden"]
+    np.testing.assert_allclose(to_np(model.masking.guide_features(model, tokens)), to_np(expected), atol=1e-5)
 
 
 def test_lcmae_views_mask_the_same_cluster_independently(rng):
     x = images(rng, 3)
-    model = tiny(LCMAE, masking="self_guided", hint_ratio=0.1, guide_layer="decoder", seed=2)
+    model = tiny(LCMAE, masking=SelfGuidedMasking(hint_ratio=0.1, guide_layer="decoder"), seed=2)
     mask = to_np(model(x, training=True)["mask"])
     a = np.concatenate([assignments_of(model, x)] * 2)
     for r in range(6):
@@ -175,8 +186,8 @@ class _ActiveProbe(MAE):
 
 def test_fit_switches_mid_run(rng):
     encoder = ViTEncoder.from_preset("vit_test", depth=1)
-    model = _ActiveProbe(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2), masking="self_guided",
-                         informed_start_epoch=1, seed=0)
+    model = _ActiveProbe(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
+                         masking=SelfGuidedMasking(informed_start_epoch=1), seed=0)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
     seen = []
     record = keras.callbacks.LambdaCallback(
@@ -190,38 +201,67 @@ def test_fit_switches_mid_run(rng):
 def test_schedule_needs_a_self_guided_model(rng):
     model = tiny()
     model.compile(optimizer="adam")
-    with pytest.raises(ValueError, match="self_guided"):
+    with pytest.raises(ValueError, match="SelfGuidedMasking"):
         model.fit(images(rng), batch_size=4, epochs=1, verbose=0, callbacks=[InformedMaskingSchedule()])
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(masking="smart"), "masking must be one of"),
-        (dict(masking="self_guided", hint_ratio=1.0), "hint_ratio"),
-        (dict(masking="self_guided", guide_layer=5), "guide_layer"),
-        (dict(masking="self_guided", guide_layer="encoder"), "guide_layer"),
-        (dict(masking="self_guided", informed_start_epoch=-1), "informed_start_epoch"),
-        (dict(masking="self_guided", informed_start_epoch=1.5), "informed_start_epoch"),
+        (dict(masking="smart"), "masking must be a strategy"),
+        (dict(hint_ratio=1.0), "hint_ratio"),
+        (dict(guide_layer=5), "guide_layer"),
+        (dict(guide_layer="encoder"), "guide_layer"),
+        (dict(informed_start_epoch=-1), "informed_start_epoch"),
+        (dict(informed_start_epoch=1.5), "informed_start_epoch"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        tiny(**kwargs)
+        if "masking" in kwargs:
+            tiny(**kwargs)
+        else:
+            tiny(masking=SelfGuidedMasking(**kwargs))
+
+
+def test_a_strategy_belongs_to_one_model():
+    strategy = SelfGuidedMasking()
+    tiny(masking=strategy)
+    with pytest.raises(ValueError, match="another model"):
+        tiny(masking=strategy)
+
+
+def test_legacy_arguments_warn_and_build_the_strategy():
+    with pytest.warns(DeprecationWarning, match="SelfGuidedMasking"):
+        model = tiny(masking="self_guided", informed_start_epoch=2, hint_ratio=0.1, guide_layer=0)
+    assert model.masking == SelfGuidedMasking(informed_start_epoch=2, hint_ratio=0.1, guide_layer=0)
+    assert float(to_np(model.informed_active)) == 0.0
+    with pytest.raises(ValueError, match="only apply to masking='self_guided'"):
+        tiny(masking=RandomMasking(), hint_ratio=0.1)
+
+
+def test_old_configs_load_as_strategies():
+    """A config written when the self-guided arguments were the model's own."""
+    config = tiny(MAE).get_config()
+    config.update(masking="self_guided", informed_start_epoch=3, hint_ratio=0.2, guide_layer=0)
+    model = MAE.from_config(config)
+    assert model.masking == SelfGuidedMasking(informed_start_epoch=3, hint_ratio=0.2, guide_layer=0)
+    config.update(masking="random")
+    assert MAE.from_config(config).masking == RandomMasking()
 
 
 def test_config_and_keras_round_trip(rng, tmp_path):
     cls = LCMAE
-    assert_config_mirrors_init(tiny(MAE, masking="self_guided", guide_layer=-1))
-    model = tiny(cls, masking="self_guided", informed_start_epoch=2, hint_ratio=0.1, guide_layer="decoder", seed=3)
+    assert_config_mirrors_init(tiny(MAE, masking=SelfGuidedMasking(guide_layer=-1)))
+    model = tiny(cls, masking=SelfGuidedMasking(informed_start_epoch=2, hint_ratio=0.1, guide_layer="decoder"), seed=3)
     clone = assert_config_mirrors_init(model)
-    assert (clone.masking, clone.informed_start_epoch, clone.hint_ratio, clone.guide_layer) == (
-        "self_guided", 2, 0.1, "decoder")
+    assert clone.masking == SelfGuidedMasking(informed_start_epoch=2, hint_ratio=0.1, guide_layer="decoder")
+    assert clone.masking is not model.masking
     model.informed_active.assign(1.0)
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.masking == "self_guided" and float(to_np(loaded.informed_active)) == 1.0
+    assert isinstance(loaded.masking, SelfGuidedMasking) and float(to_np(loaded.informed_active)) == 1.0
     x = images(rng, 2)
     noise = rng.random((2, 2, 16)).astype("float32")
     np.testing.assert_allclose(to_np(loaded(x, noise=noise)["pred"]), to_np(model(x, noise=noise)["pred"]), atol=1e-5)
@@ -235,7 +275,7 @@ def test_pretrain_callbacks_add_the_schedule_only_when_self_guided(tmp_path):
 
     schedule = WarmupCosine(1e-3, 1, 10)
     kinds = lambda m: [type(c).__name__ for c in pretrain_callbacks(str(tmp_path), m, schedule, 4)]  # noqa: E731
-    assert "InformedMaskingSchedule" in kinds(tiny(masking="self_guided"))
+    assert "InformedMaskingSchedule" in kinds(tiny(masking=SelfGuidedMasking()))
     assert "InformedMaskingSchedule" not in kinds(tiny())
 
 
@@ -253,15 +293,16 @@ def test_recipe_flags_validated(flags, message):
     import sys
 
     from absl import app
+    from absl import flags as absl_flags
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
     import pretrain
 
     base = ["pretrain", "--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test"]
     pretrain.FLAGS.unparse_flags()
-    pretrain.FLAGS(base + flags)
     try:
-        with pytest.raises(app.UsageError, match=message):
+        with pytest.raises((app.UsageError, absl_flags.IllegalFlagValueError), match=message):
+            pretrain.FLAGS(base + flags)  # ranges are checked as the flags are parsed, the rest after
             pretrain.validate_flags()
         pretrain.FLAGS.unparse_flags()
         pretrain.FLAGS(base + ["--masking=self_guided", "--guide_layer=decoder", "--epochs=3",

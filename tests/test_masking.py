@@ -60,3 +60,33 @@ def test_ratio_leaving_no_visible_patch():
 def test_noise_shape_checked():
     with pytest.raises(ValueError, match="noise must have shape"):
         random_masking(np.zeros((2, 16, 4), "float32"), 0.75, noise=np.zeros((2, 15), "float32"))
+
+
+# -- strategies ------------------------------------------------------------------
+
+
+def test_strategies_from_names_and_their_serialisation():
+    from keras_lcmae.masking import RandomMasking, SelfGuidedMasking, get_masking
+
+    assert get_masking("random") == RandomMasking()
+    assert get_masking("self_guided") == SelfGuidedMasking()
+    strategy = SelfGuidedMasking(informed_start_epoch=4, hint_ratio=0.25, guide_layer="decoder")
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(strategy))
+    assert again == strategy and again is not strategy
+    assert again != SelfGuidedMasking(informed_start_epoch=4, hint_ratio=0.25, guide_layer=0)
+    for bad in ("smart", 3, None):
+        with pytest.raises(ValueError, match="masking must be a strategy"):
+            get_masking(bad)
+
+
+def test_random_strategy_is_official_random_masking_of_the_model_seed():
+    from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
+    from keras_lcmae.masking import RandomMasking
+
+    mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(32, depth=1, num_heads=2), seed=5,
+              masking=RandomMasking())
+    x = keras.random.normal((3, 16, 32), seed=0)
+    got = mae.apply_masking(x)
+    expected = random_masking(x, 0.75, seed=keras.random.SeedGenerator(5))
+    for key in ("mask", "ids_restore", "ids_keep"):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got[key]), keras.ops.convert_to_numpy(expected[key]))

@@ -27,10 +27,6 @@ from keras_lcmae.encoder import find_encoder
 from keras_lcmae.ops import take_tokens
 
 
-def _encoder_of(model):
-    return find_encoder(model, "The analysis")
-
-
 def shared_noise(num_images, num_patches, seed=0):
     """``(B, N)`` float32 masking noise with the **same** row for every image,
     so ``random_masking`` removes the same positions everywhere."""
@@ -61,7 +57,7 @@ def encoder_layers(model, images, ids_keep=None):
     >>> len(out["attention"]), out["attention"][0].shape
     (2, (2, 2, 17, 17))
     """
-    encoder = _encoder_of(model)
+    encoder = find_encoder(model, "The analysis")
     x = encoder.embed(ops.convert_to_tensor(np.asarray(images, "float32")))
     b = x.shape[0]
     if ids_keep is None:
@@ -69,15 +65,10 @@ def encoder_layers(model, images, ids_keep=None):
     else:
         positions = np.asarray(ops.convert_to_numpy(ids_keep)).astype("int32")
         x = take_tokens(x, ops.convert_to_tensor(positions))
-    cls = ops.cast(encoder.cls_token + encoder.pos_embed[:, :1, :], x.dtype)
-    x = ops.concatenate([ops.broadcast_to(cls, (b, 1, encoder.hidden_dim)), x], axis=1)
-    attention, features = [], []
-    for block in encoder.blocks:
-        x, attn = block(x, training=False, return_attention=True)
-        attention.append(np.asarray(ops.convert_to_numpy(attn)))
-        features.append(np.asarray(ops.convert_to_numpy(x[:, 1:])))
-    if encoder.norm is not None:
-        x = encoder.norm(x)
+    out = encoder.forward_intermediates(x, indices=range(encoder.depth), training=False, return_attention=True)
+    attention = [np.asarray(ops.convert_to_numpy(a)) for a in out["attention"]]
+    features = [np.asarray(ops.convert_to_numpy(f[:, 1:])) for f in out["intermediates"]]
+    x = out["output"]
     return {
         "attention": attention,
         "features": features,
@@ -158,7 +149,7 @@ def reference_features(model, images):
     shape error (see the tool's message).
     """
     try:
-        encoder = _encoder_of(model)
+        encoder = find_encoder(model, "The analysis")
     except ValueError:
         encoder = None
     if encoder is not None:
