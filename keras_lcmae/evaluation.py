@@ -14,6 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lcmae.encoder import find_encoder
+
 POOLS = ("cls", "avg")
 
 
@@ -159,8 +161,6 @@ def extract_features(encoder, data, pool="cls", batch_size=256):
     >>> feats.shape, labels.shape
     ((4, 32), (4,))
     """
-    from keras_lcmae.encoder import find_encoder  # noqa: PLC0415
-
     encoder = find_encoder(encoder, "extract_features")
     if pool not in POOLS:
         raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
