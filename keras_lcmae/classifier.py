@@ -29,12 +29,11 @@ import os
 import keras
 from keras import ops
 
-from keras_lcmae.encoder import ViTEncoder
+from keras_lcmae.encoder import ViTEncoder, check_pool
 from keras_lcmae.layers import LAYER_NORM_EPSILON, layer_norm
 from keras_lcmae.ops import resize_pos_embed, to_2tuple
 from keras_lcmae.optim import CompilesFromConfig, ReleasesGradients
 
-POOLS = ("cls", "avg")
 LINEAR_PROBE_HEAD_STD = 0.01
 FINETUNE_HEAD_STD = 2e-5
 
@@ -42,11 +41,6 @@ FINETUNE_HEAD_STD = 2e-5
 def _check_num_classes(num_classes):
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
-
-
-def _check_pool(pool):
-    if pool not in POOLS:
-        raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
 
 
 def _check_geometry(found, patch_size, num_channels, source):
@@ -131,7 +125,7 @@ def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"No encoder file at {path!r}.")
-    import keras_lcmae  # noqa: F401, PLC0415  (registers the package's classes for deserialisation)
+    import keras_lcmae  # noqa: F401  (registers the package's classes for deserialisation)
 
     loaded = keras.saving.load_model(path)
     encoder = loaded if isinstance(loaded, ViTEncoder) else getattr(loaded, "encoder", None)
@@ -163,7 +157,7 @@ def probe_batch_norm(name="head_norm"):
     equals the one-device step; JAX's DataParallel computes the global
     statistics by itself. Under gradient accumulation the statistics are
     those of each micro-batch, as official MAE's ``--accum_iter``."""
-    from keras_lcmae.distribute import num_replicas  # noqa: PLC0415
+    from keras_lcmae.distribute import num_replicas
 
     synchronized = keras.backend.backend() == "tensorflow" and num_replicas() > 1
     return keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9,
@@ -216,7 +210,7 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
                 f"load_encoder(path) or ViTClassifier.from_encoder_file(path, num_classes)."
             )
         _check_num_classes(num_classes)
-        _check_pool(pool)
+        check_pool(pool)
         if not 0.0 <= float(head_dropout) < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {head_dropout!r}.")
         if not linear_probe:  # the official finetuning learns the position table too
@@ -279,7 +273,7 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         ['loss', 'top1']
         """
         if optimizer is None or (isinstance(optimizer, str) and optimizer == "auto"):
-            from keras_lcmae.optim import LARS, finetune_adamw  # noqa: PLC0415
+            from keras_lcmae.optim import LARS, finetune_adamw
 
             if self.linear_probe:
                 optimizer = LARS(self.PROBE_LEARNING_RATE, weight_decay=0.0)
@@ -333,7 +327,7 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         :func:`load_encoder` for the geometry checks and ``drop_path_rate``).
         Other keyword arguments go to the constructor."""
         _check_num_classes(num_classes)
-        _check_pool(pool)
+        check_pool(pool)
         # finetuning trains the position table: set it in the one rebuild (the constructor then keeps the encoder)
         trainable = None if kwargs.get("linear_probe", False) else True
         encoder = load_encoder(path, image_size, patch_size, num_channels, drop_path_rate, pos_embed_trainable=trainable)
@@ -377,14 +371,14 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape), model.encoder.drop_path_rate
         ((2, 10), 0.1)
         """
-        from keras_lcmae.convert import (  # noqa: PLC0415  (convert imports models; keep import cheap)
+        from keras_lcmae.convert import (
             _as_numpy,
             encoder_from_official_state_dict,
             encoder_kwargs_from_state_dict,
         )
 
         _check_num_classes(num_classes)
-        _check_pool(pool)
+        check_pool(pool)
         if not hasattr(state_dict, "keys"):
             raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
         state = dict(state_dict)

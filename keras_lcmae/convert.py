@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from keras_lcmae.decoders import TransformerDecoder
-from keras_lcmae.encoder import ViTEncoder
+from keras_lcmae.encoder import ViTEncoder, find_encoder
 from keras_lcmae.models import MAE
 
 # Keys of a full official checkpoint that an encoder-only target does not use.
@@ -129,10 +129,6 @@ def _as_numpy(value):
     return np.asarray(value, dtype=np.float32)
 
 
-def _encoder_of(model):
-    return model if isinstance(model, ViTEncoder) else model.encoder
-
-
 def load_official_state_dict(model, state_dict, strict=True):
     """Loads an official-layout state dict into ``model`` in place.
 
@@ -154,7 +150,7 @@ def load_official_state_dict(model, state_dict, strict=True):
     if not hasattr(state_dict, "keys"):
         raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
     entries = official_entries(model)
-    encoder = _encoder_of(model)
+    encoder = find_encoder(model, "load_official_state_dict")
     p = encoder.patch_size
     expected = {key for key, _, _ in entries}
     given = set(state_dict.keys())
@@ -195,7 +191,7 @@ def load_official_state_dict(model, state_dict, strict=True):
 def export_official_state_dict(model):
     """The weights of an :class:`MAE` or :class:`ViTEncoder` as an official
     state dict (numpy float32 arrays keyed by the official names)."""
-    p = _encoder_of(model).patch_size
+    p = find_encoder(model, "load_official_state_dict").patch_size
     return {
         key: _to_official(np.asarray(variable.numpy(), dtype=np.float32), kind, p)
         for key, variable, kind in official_entries(model)

@@ -38,6 +38,18 @@ def preset_kwargs(name, **overrides):
     return kwargs
 
 
+# How the tokens of an image become one feature vector: the [CLS] token or
+# the mean of the patch tokens.
+POOLS = ("cls", "avg")
+
+
+def check_pool(pool):
+    """``pool`` itself if it is one of :data:`POOLS`; a clear error otherwise."""
+    if pool not in POOLS:
+        raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
+    return pool
+
+
 def find_encoder(model, who="This function"):
     """The :class:`ViTEncoder` itself, or the one a model holds as
     ``.encoder`` (MAE, LCMAE, ViTClassifier); a clear error otherwise.

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import ops
 
-POOLS = ("cls", "avg")
+from keras_lcmae.encoder import check_pool, find_encoder
 
 
 def _as_features(x, name):
@@ -159,11 +159,8 @@ def extract_features(encoder, data, pool="cls", batch_size=256):
     >>> feats.shape, labels.shape
     ((4, 32), (4,))
     """
-    from keras_lcmae.encoder import find_encoder  # noqa: PLC0415
-
     encoder = find_encoder(encoder, "extract_features")
-    if pool not in POOLS:
-        raise ValueError(f"`pool` must be one of {POOLS}, got {pool!r}.")
+    check_pool(pool)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     # A functional wrapper so that `predict_on_batch` runs compiled (jit on

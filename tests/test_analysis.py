@@ -230,6 +230,31 @@ def _check_png(path, min_side=100):
         assert np.asarray(img.convert("L")).std() > 1  # not a blank picture
 
 
+def test_inputs_errors_name_the_argument(tmp_path):
+    from PIL import Image
+
+    from keras_lcmae.analysis import inputs
+    from keras_lcmae.errors import ArgumentError
+
+    cases = [
+        (lambda: inputs.load_images("fashion_mnist", 32, 1, 0), "num_images", "must be at least 1"),
+        (lambda: inputs.load_images(str(tmp_path / "none"), 32, 1, 2), "source", "'fashion_mnist' or an existing"),
+        (lambda: inputs.load_checkpoint(__file__), "path", "must be a .keras file"),
+    ]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(folder / "a.png")
+    cases.append((lambda: inputs.load_images(str(folder), 32, 1, 1, resize=False), "resize", "40x40 but the model"))
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    cases.append((lambda: inputs.load_checkpoint(str(tmp_path / "bad.keras")), "path", "cannot load"))
+    for call, argument, detail in cases:
+        with pytest.raises(ArgumentError) as error:
+            call()
+        assert error.value.argument == argument and detail in str(error.value) and "--" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match="^path: no file at"):
+        inputs.load_checkpoint(str(tmp_path / "missing.keras"))
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, fmnist):
     """A tiny MAE trained a few steps on Fashion-MNIST, saved whole and as an

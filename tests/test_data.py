@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from keras_lcmae import data
+from keras_lcmae.errors import ArgumentError
 
 pytestmark = pytest.mark.tf_only
 
@@ -79,11 +80,20 @@ def test_grey_conversion_and_alpha(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ArgumentError, match="^root: .*not a folder") as error:
         data.list_image_folder(os.path.join(tmp_path, "missing"))
+    assert error.value.argument == "root"
     os.makedirs(os.path.join(tmp_path, "empty", "cls"))
-    with pytest.raises(ValueError, match="no image files"):
+    with pytest.raises(ArgumentError, match="^root: no image files") as error:
         data.list_image_folder(os.path.join(tmp_path, "empty"))
+    assert error.value.argument == "root"
+
+
+def test_tfds_errors_name_the_dataset_argument(tmp_path):
+    # without tensorflow-datasets installed: the install hint; with it: nothing on disk under data_dir
+    with pytest.raises(ArgumentError, match="^name: .*'no_such_dataset'") as error:
+        data.tfds_dataset("no_such_dataset", data_dir=str(tmp_path))
+    assert error.value.argument == "name"
 
 
 def test_random_resized_crop_eager_and_in_tf_data(rng):
@@ -139,8 +149,9 @@ def test_tfrecord_round_trip(tmp_path, rng):
     items = list(data.tfrecord_dataset(os.path.join(tmp_path, "*.tfrecord")).as_numpy_iterator())
     assert [int(label) for _, label in items] == [3, 4]
     np.testing.assert_array_equal(items[0][0], img)
-    with pytest.raises(ValueError, match="no TFRecord files"):
+    with pytest.raises(ArgumentError, match="^pattern_or_files: no TFRecord files") as error:
         data.tfrecord_dataset(os.path.join(tmp_path, "*.nothing"))
+    assert error.value.argument == "pattern_or_files"
 
 
 def _mix(alpha_mixup, alpha_cutmix, smoothing=0.0, seed=(3, 4)):

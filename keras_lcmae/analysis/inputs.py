@@ -9,9 +9,12 @@ resized (bicubic) to the model's size and the centre is cropped.
 
 import os
 
+import keras
 import numpy as np
 
 from keras_lcmae import data
+from keras_lcmae.encoder import ViTEncoder
+from keras_lcmae.errors import ArgumentError
 from keras_lcmae.ops import to_2tuple
 
 
@@ -25,7 +28,7 @@ def normalization_stats(source, channels):
 
 
 def _resize_center_crop(image, size):
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # an optional dependency, needed only to resize images
 
     h, w = size
     arr = image[..., 0] if image.shape[-1] == 1 else image
@@ -54,7 +57,7 @@ def load_images(source, image_size, channels, num_images, seed=0, resize=True):
     """
     h, w = to_2tuple(image_size, "image_size")
     if int(num_images) < 1:
-        raise ValueError(f"--num_images must be at least 1, got {num_images}.")
+        raise ArgumentError("num_images", f"must be at least 1, got {num_images}.")
     rng = np.random.default_rng(seed)
     if source == "fashion_mnist":
         raw, _ = data.load_fashion_mnist("test")
@@ -67,17 +70,18 @@ def load_images(source, image_size, channels, num_images, seed=0, resize=True):
         for i in pick:
             arr = data.read_image(paths[i], channels)
             if arr is None:
-                raise ValueError(f"--data: cannot read image file {paths[i]!r}.")
+                raise ArgumentError("source", f"cannot read image file {paths[i]!r}.")
             raw.append(arr)
     else:
-        raise ValueError(f"--data must be 'fashion_mnist' or an existing image folder, got {source!r}.")
+        raise ArgumentError("source", f"must be 'fashion_mnist' or an existing image folder, got {source!r}.")
     out = []
     for arr in raw:
         if arr.shape[:2] != (h, w):
             if not resize:
-                raise ValueError(
-                    f"image of size {arr.shape[0]}x{arr.shape[1]} but the model takes {h}x{w}; drop "
-                    "--no_resize to resize and centre-crop, or use images of the model's size."
+                raise ArgumentError(
+                    "resize",
+                    f"image of size {arr.shape[0]}x{arr.shape[1]} but the model takes {h}x{w}; pass "
+                    "resize=True to resize and centre-crop, or use images of the model's size.",
                 )
             arr = _resize_center_crop(arr, (h, w))
         out.append(arr)
@@ -100,24 +104,20 @@ def load_checkpoint(path):
     encoder analyses only). Raises ``FileNotFoundError`` for a missing file
     and ``ValueError`` for anything else.
     """
-    import keras  # noqa: PLC0415
-
-    import keras_lcmae  # noqa: F401, PLC0415  (registers the classes)
-    from keras_lcmae.encoder import ViTEncoder  # noqa: PLC0415
-
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint: no file at {path!r}.")
+        raise FileNotFoundError(f"path: no file at {path!r}.")
     if not str(path).endswith(".keras"):
-        raise ValueError(f"--checkpoint must be a .keras file (model.save / encoder.keras), got {path!r}.")
+        raise ArgumentError("path", f"must be a .keras file (model.save / encoder.keras), got {path!r}.")
     try:
         model = keras.saving.load_model(path, compile=False)
-    except Exception as e:  # noqa: BLE001 - keras raises many kinds for foreign files
-        raise ValueError(f"--checkpoint: cannot load {path!r} as a Keras model: {e}") from e
+    except Exception as e:  # keras raises many kinds for foreign files
+        raise ArgumentError("path", f"cannot load {path!r} as a Keras model: {e}") from e
     if isinstance(model, ViTEncoder):
         return model, "encoder"
     if isinstance(getattr(model, "encoder", None), ViTEncoder) and hasattr(model, "forward_encoder"):
         return model, "mae"
-    raise ValueError(
-        f"--checkpoint {path!r} holds a {type(model).__name__}; expected an MAE/LC-MAE model "
+    raise ArgumentError(
+        "path",
+        f"{path!r} holds a {type(model).__name__}; expected an MAE/LC-MAE model "
         "(checkpoints/epoch_NNN.keras of recipes/pretrain.py) or a ViTEncoder (encoder.keras)."
     )

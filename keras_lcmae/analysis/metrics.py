@@ -20,6 +20,7 @@ has its centre at pixel ``((c + 0.5) p, (r + 0.5) p)`` with
 import keras
 import numpy as np
 
+from keras_lcmae import clustering
 from keras_lcmae.ops import to_2tuple
 
 _TINY = 1e-12
@@ -307,8 +308,6 @@ def clustering_metrics(features):
     ``feature_variance`` (sigma_F), ``similarity_variance`` (sigma_s) and
     ``cluster_gap`` (mu_intra - mu_inter of its :func:`bipartition`).
     Returns ``(dict of floats, assignments (B, N))``."""
-    from keras_lcmae import clustering  # noqa: PLC0415
-
     f = keras.ops.convert_to_tensor(_np(features, "float32"))
     assignments = clustering.bipartition(f)
     values = {

@@ -10,10 +10,10 @@ from keras_lcmae.ops import to_2tuple
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # optional; the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     return plt
 
