@@ -402,7 +402,7 @@ def test_finetune_jobs_run_each_accumulation_in_its_own_process():
                                             ("tiny32", "finetune", "jax", "auto", "float32")]
     assert [benchmark.finetune_accum_steps(m) for m in ("finetune", "finetune_k4", "mae", "finetune_x")] == [1, 4, None, None]
     # the suites plan no finetune jobs: their figures stay as they were
-    for name, specs in benchmark.SUITES.items():
+    for specs in benchmark.SUITES.values():
         for spec in specs:
             assert not any(benchmark.finetune_accum_steps(j[1]) for j in benchmark.section_jobs(benchmark.section_plan(_cli_defaults(), spec)))
 

@@ -198,3 +198,26 @@ def test_drop_path_drops_whole_samples():
     assert np.all(per_sample.min(1) == per_sample.max(1))
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
     np.testing.assert_array_equal(to_np(layer(x, training=False)), x)
+
+
+def test_block_sublayers_follow_the_blocks_own_dtype_policy(policy):
+    """A Block runs its sublayers by their ``call`` inside its own autocast
+    scope, so they must share its policy: a float32 block under a global
+    mixed_bfloat16 policy computes in float32 (the float32 result to
+    round-off), a default one in bf16 (visibly not)."""
+    from keras_lcmae.layers import Block
+
+    x = np.random.default_rng(2).normal(size=(2, 5, 32)).astype("float32")
+    reference = Block(32, 4)
+    want = keras.ops.convert_to_numpy(reference(x))
+    policy("mixed_bfloat16")
+    for dtype, close in (("float32", True), (None, False)):
+        block = Block(32, 4, dtype=dtype)
+        block.build((None, None, 32))
+        block.set_weights(reference.get_weights())
+        got = block(x)
+        sub = {layer.dtype_policy.name for layer in (block.norm1, block.attn, block.attn.qkv, block.fc1, block.fc2)}
+        assert sub == {block.dtype_policy.name}
+        assert keras.backend.standardize_dtype(got.dtype) == ("float32" if close else "bfloat16")
+        err = np.abs(keras.ops.convert_to_numpy(keras.ops.cast(got, "float32")) - want).max()
+        assert (err < 1e-5) if close else (err > 1e-3), (dtype, err)
