@@ -49,6 +49,13 @@ input pipeline's images/s on a folder of JPEGs cut from scikit-image's photos,
 with the pretraining transform at the config's image size; ratios printed:
 LC-MAE/MAE step, MAE/AE step, finetune with/without accumulation (step and
 peak memory), pipeline/fastest model, ours/HF.
+
+This file is the command line (absl flags; ``--flagfile`` works too); the
+work is in ``tools/bench/``, one concern a module: the plan of jobs
+(``bench.plan``), the FLOP model (``bench.flops``), the GPU table
+(``bench.gpus``), the machine (``bench.machine``), the worker processes
+(``bench.workers``) and the report (``bench.report``). Their names are
+importable from here as well.
 """
 
 import argparse
@@ -56,6 +63,8 @@ import json
 import os
 import re
 import sys
+
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -138,65 +147,89 @@ def run_section(plan):
     return results, found, failed
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default=None, choices=sorted(SUITES),
-                        help="run a fixed plan of sections: cpu (the CPU tables), gpu (ViT-B/16 in bf16 on a GPU), "
-                             "smoke (a minute-long check); it sets the measurement flags itself")
-    parser.add_argument("--markdown", default=None,
-                        help="also write the figures as markdown tables naming the machine to this file ('-': stdout)")
-    parser.add_argument("--configs", default="tiny32")
-    parser.add_argument("--methods", default="mae,lcmae")
-    parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--jit", default="auto", help="on, off, auto, or a comma list (e.g. on,off)")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (mixed), or a comma list")
-    parser.add_argument("--reference", action="store_true", help="also time transformers' ViTMAE (torch) for mae")
-    parser.add_argument("--reference_optimizer", default="fused", choices=("fused", "plain"),
-                        help="the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
-                             ">= 2.8, default) or plain (torch.optim.AdamW's own default)")
-    parser.add_argument("--allocator", default="tuned", choices=("tuned", "default"),
-                        help="our workers' malloc: tuned (keras_lcmae.cpu.keep_freed_memory, as the recipes run, "
-                             "default) or default (glibc's own)")
-    parser.add_argument("--reference_allocator", default="default", choices=("default", "tuned"),
-                        help="the HF reference's malloc: default (glibc's own, as transformers leaves it) or tuned "
-                             "(the same as ours)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
-    parser.add_argument("--pipeline_images", type=int, default=None, help="JPEG files made for --pipeline (default 256)")
-    parser.add_argument("--optimizer", action="store_true",
-                        help="also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
-                             "(and torch.optim.AdamW on the torch backend), on each backend")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run every measurement this many times, alternating order; steps are pooled")
-    parser.add_argument("--batch", type=int, default=None, help="batch size in place of each config's (e.g. for a GPU)")
-    parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)")
-    parser.add_argument("--accum_steps", default=DEFAULT_ACCUM_STEPS,
-                        help="the finetune method's gradient-accumulation steps K, a comma list; each K is timed at the "
-                             "same micro-batch in its own process (default 1,4: without and with accumulation)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line's flags. Defined when the script runs, not when it is
+    imported (tests import it next to other modules' absl flags)."""
+    flags.DEFINE_enum("suite", None, sorted(SUITES),
+                      "run a fixed plan of sections: cpu (the CPU tables), gpu (ViT-B/16 in bf16 on a GPU), "
+                      "smoke (a minute-long check); it sets the measurement flags itself")
+    flags.DEFINE_string("markdown", None,
+                        "also write the figures as markdown tables naming the machine to this file ('-': stdout)")
+    flags.DEFINE_string("configs", "tiny32", f"comma list of configs ({', '.join(CONFIGS)})")
+    flags.DEFINE_string("methods", "mae,lcmae", "comma list of methods: mae, lcmae, ae, finetune")
+    flags.DEFINE_string("backends", "tensorflow,jax,torch", "comma list of Keras backends")
+    flags.DEFINE_string("jit", "auto", "on, off, auto, or a comma list (e.g. on,off)")
+    flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 (mixed), or a comma list")
+    flags.DEFINE_boolean("reference", False, "also time transformers' ViTMAE (torch) for mae")
+    flags.DEFINE_enum("reference_optimizer", "fused", ["fused", "plain"],
+                      "the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
+                      ">= 2.8, default) or plain (torch.optim.AdamW's own default)")
+    flags.DEFINE_enum("allocator", "tuned", ["tuned", "default"],
+                      "our workers' malloc: tuned (keras_lcmae.cpu.keep_freed_memory, as the recipes run, "
+                      "default) or default (glibc's own)")
+    flags.DEFINE_enum("reference_allocator", "default", ["default", "tuned"],
+                      "the HF reference's malloc: default (glibc's own, as transformers leaves it) or tuned "
+                      "(the same as ours)")
+    flags.DEFINE_boolean("pipeline", False,
+                         "also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
+    flags.DEFINE_integer("pipeline_images", None, "JPEG files made for --pipeline (default 256)")
+    flags.DEFINE_boolean("optimizer", False,
+                         "also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
+                         "(and torch.optim.AdamW on the torch backend), on each backend")
+    flags.DEFINE_integer("rounds", 1, "run every measurement this many times, alternating order; steps are pooled")
+    flags.DEFINE_integer("batch", None, "batch size in place of each config's (e.g. for a GPU)")
+    flags.DEFINE_float("peak_tflops", None,
+                       "the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)")
+    flags.DEFINE_string("accum_steps", DEFAULT_ACCUM_STEPS,
+                        "the finetune method's gradient-accumulation steps K, a comma list; each K is timed at the "
+                        "same micro-batch in its own process (default 1,4: without and with accumulation)")
+    flags.DEFINE_integer("warmup", 3, "untimed steps before the timed ones")
+    flags.DEFINE_integer("steps", 10, "timed steps")
+    flags.DEFINE_boolean("worker", False, "internal: run one measurement in this process (as spawn starts it)")
+
+
+def checked_args():
+    """The flags as a namespace, after the checks absl's parsers do not make
+    (ranges, known configs, flags a suite fixes); a problem is a
+    ``UsageError`` naming the flag."""
+    args = argparse.Namespace(**{name: FLAGS[name].value for name in FLAG_NAMES})
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
-        parser.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
+        raise app.UsageError(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     if args.batch is not None and args.batch < 1:
-        parser.error(f"--batch must be a positive integer, got {args.batch}")
+        raise app.UsageError(f"--batch must be a positive integer, got {args.batch}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
+        raise app.UsageError(f"--peak_tflops must be positive, got {args.peak_tflops}")
     for name in ("rounds", "steps", "pipeline_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            raise app.UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
-        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+        raise app.UsageError(f"--warmup must be 0 or more, got {args.warmup}")
     if not re.fullmatch(r"\d+(,\d+)*", args.accum_steps) or min(int(k) for k in args.accum_steps.split(",")) < 1:
-        parser.error(f"--accum_steps takes a comma list of positive integers (e.g. 1,4), got {args.accum_steps!r}")
+        raise app.UsageError(
+            f"--accum_steps takes a comma list of positive integers (e.g. 1,4), got {args.accum_steps!r}")
     if args.suite:
-        given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != parser.get_default(k)]
+        given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != FLAGS[k].default]
         if given:
-            parser.error(f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
-                         "--pipeline_images, --reference_optimizer, --allocator, --reference_allocator and --markdown may be given)")
+            raise app.UsageError(
+                f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
+                "--pipeline_images, --reference_optimizer, --allocator, --reference_allocator and --markdown may be "
+                "given)")
+    return args
+
+
+FLAG_NAMES = ("suite", "markdown", "configs", "methods", "backends", "jit", "dtype", "reference",
+              "reference_optimizer", "allocator", "reference_allocator", "pipeline", "pipeline_images", "optimizer",
+              "rounds", "batch", "peak_tflops", "accum_steps", "warmup", "steps", "worker")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (every option is a --flag)")
+    args = checked_args()
     if args.worker:
         args.config, args.method, args.backend = args.configs, args.methods, args.backends
         args.pipeline_images = args.pipeline_images or 256
@@ -216,5 +249,21 @@ def main():
             add_markdown_section(args.markdown, text)
 
 
+def run(main):
+    """``absl.app.run(main)``, a ``UsageError`` from ``main`` printed as one
+    line naming the flag (as the recipes print theirs), exit status 1 as
+    absl's own parse errors."""
+
+    def checked(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            print(f"FATAL Flags error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+    app.run(checked)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    run(main)
