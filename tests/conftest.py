@@ -2,9 +2,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import numpy as np
+import pytest
 
 BACKEND = keras.backend.backend()
 
@@ -58,3 +58,11 @@ def small_folder(tmp_path_factory):
             for i in range(2):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
     return str(root)
+
+
+@pytest.fixture
+def policy():
+    """``keras.config.set_dtype_policy``, with the global policy set back to
+    float32 after the test."""
+    yield keras.config.set_dtype_policy
+    keras.config.set_dtype_policy("float32")

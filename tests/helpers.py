@@ -108,3 +108,47 @@ def read_hparams(folder):
                 else:
                     scalars[value.tag] = float(tf.make_ndarray(value.tensor))
     return hparams, scalars, starts
+
+
+def check_layer(layer_factory, input_shape, tmp_path, seed=0):
+    """The common checks of a layer (or a model used as one), each failing
+    with the name of what broke:
+
+    - called on a ``keras.Input`` (symbolic), its output shape is the eager
+      call's, the batch axis left open;
+    - wrapped in a functional model, one ``fit`` step on random data gives a
+      finite loss and changes some trainable weight (when it has any);
+    - that model saved as ``.keras`` in ``tmp_path`` reloads and computes
+      the same outputs, bit for bit;
+    - ``get_config`` holds exactly the ``__init__`` parameters (plus Keras'
+      base keys) and ``from_config`` rebuilds it
+      (:func:`assert_config_mirrors_init`).
+
+    ``layer_factory()`` makes a fresh layer; ``input_shape`` includes the
+    batch axis. Returns the trained model."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=input_shape).astype("float32")
+    layer = layer_factory()
+    inputs = keras.Input(input_shape[1:])
+    symbolic = layer(inputs)
+    eager = to_np(layer(x))
+    assert tuple(symbolic.shape) == (None, *eager.shape[1:]), f"symbolic {symbolic.shape} != eager {eager.shape}"
+    assert np.all(np.isfinite(eager)), "eager call gives non-finite values"
+
+    model = keras.Model(inputs, symbolic)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = [to_np(v).copy() for v in model.trainable_variables]
+    y = rng.normal(size=eager.shape).astype("float32")
+    history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0]), f"fit step loss {history.history['loss'][0]}"
+    if before:
+        changed = [not np.array_equal(b, to_np(v)) for b, v in zip(before, model.trainable_variables)]
+        assert any(changed), "no trainable weight changed in a fit step"
+
+    path = os.path.join(str(tmp_path), f"{layer.name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(to_np(loaded(x)), to_np(model(x)), err_msg="outputs after a .keras round trip")
+
+    assert_config_mirrors_init(layer)
+    return model

@@ -252,7 +252,7 @@ def test_finetuning_trains_a_copy_of_the_position_table(tmp_path, images):
     for a, b in zip(encoder.weights, model.encoder.weights):
         np.testing.assert_array_equal(to_np(a), to_np(b), err_msg=a.path)
     probe = ViTClassifier(encoder, num_classes=3, linear_probe=True)
-    assert probe.encoder is encoder and not probe.trainable_variables[0] is encoder.pos_embed
+    assert probe.encoder is encoder and probe.trainable_variables[0] is not encoder.pos_embed
     path = os.path.join(tmp_path, "ft.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)

@@ -30,12 +30,6 @@ def loss_of(model, method):
     return float(keras.ops.convert_to_numpy(model.compute_loss(x=x, y_pred=out)))
 
 
-@pytest.fixture
-def policy():
-    yield keras.config.set_dtype_policy
-    keras.config.set_dtype_policy("float32")
-
-
 @pytest.mark.parametrize("method", ["mae", "lcmae"])
 @pytest.mark.parametrize("name,rel", [("mixed_bfloat16", 0.05), ("mixed_float16", 0.01)])
 def test_mixed_precision_matches_float32_and_trains(method, name, rel, policy):
@@ -74,29 +68,6 @@ def test_xla_matches_graph_mode(method):
     (l1, w1), (l2, w2) = results
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     assert max(np.abs(a - b).max() for a, b in zip(w1, w2)) < 1e-5
-
-
-def test_block_sublayers_follow_the_blocks_own_dtype_policy(policy):
-    """A Block runs its sublayers by their ``call`` inside its own autocast
-    scope, so they must share its policy: a float32 block under a global
-    mixed_bfloat16 policy computes in float32 (the float32 result to
-    round-off), a default one in bf16 (visibly not)."""
-    from keras_lcmae.layers import Block
-
-    x = np.random.default_rng(2).normal(size=(2, 5, 32)).astype("float32")
-    reference = Block(32, 4)
-    want = keras.ops.convert_to_numpy(reference(x))
-    policy("mixed_bfloat16")
-    for dtype, close in (("float32", True), (None, False)):
-        block = Block(32, 4, dtype=dtype)
-        block.build((None, None, 32))
-        block.set_weights(reference.get_weights())
-        got = block(x)
-        sub = {layer.dtype_policy.name for layer in (block.norm1, block.attn, block.attn.qkv, block.fc1, block.fc2)}
-        assert sub == {block.dtype_policy.name}
-        assert keras.backend.standardize_dtype(got.dtype) == ("float32" if close else "bfloat16")
-        err = np.abs(keras.ops.convert_to_numpy(keras.ops.cast(got, "float32")) - want).max()
-        assert (err < 1e-5) if close else (err > 1e-3), (dtype, err)
 
 
 @pytest.mark.parametrize("job", ["finetune", "linprobe"])

@@ -10,7 +10,7 @@ from tests.helpers import to_np
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.reference import build_hf_mae, hf_forward, hf_to_official  # noqa: E402
+from tests.reference import build_hf_mae, hf_forward, hf_to_official
 
 CASES = {
     "rgb_normpix": dict(image_size=32, patch_size=8, num_channels=3, hidden=32, heads=2, dec_hidden=32, dec_heads=4),
