@@ -59,3 +59,47 @@ def test_presets_have_the_standard_sizes():
         assert kw.get("patch_size", 16) == (14 if name == "vit_huge" else 16)
     assert ViTEncoder(**preset_kwargs("vit_huge", depth=1)).grid_size == (16, 16)  # 224 px / 14
     assert ViTEncoder.from_preset("vit_test", patch_size=4).num_patches == 64
+
+
+# -- forward_intermediates: the one token pass -----------------------------------
+
+
+def _manual_pass(encoder, tokens):
+    """Block outputs and the normed output, by hand from the encoder's parts."""
+    cls = keras.ops.broadcast_to(
+        encoder.cls_token + encoder.pos_embed[:, :1, :], (tokens.shape[0], 1, encoder.hidden_dim)
+    )
+    x = keras.ops.concatenate([cls, tokens], axis=1)
+    outputs = []
+    for block in encoder.blocks:
+        x = block(x, training=False)
+        outputs.append(keras.ops.convert_to_numpy(x))
+    return outputs, keras.ops.convert_to_numpy(encoder.norm(x))
+
+
+def test_forward_intermediates_equals_the_blocks_run_by_hand():
+    encoder = ViTEncoder.from_preset("vit_test", depth=3)
+    tokens = encoder.embed(np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32"))
+    blocks, normed = _manual_pass(encoder, tokens)
+    out = encoder.forward_intermediates(tokens, indices=[2, 0], training=False, return_attention=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["output"]), normed, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["intermediates"][0]), blocks[2], atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["intermediates"][1]), blocks[0], atol=1e-5)
+    assert len(out["attention"]) == 3
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(encoder.forward_tokens(tokens, training=False)), normed,
+                               atol=1e-5)
+    plain = encoder.forward_intermediates(tokens, training=False, norm=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain["output"]), blocks[-1], atol=1e-5)
+    assert plain["intermediates"] == [] and plain["attention"] == []
+    early = encoder.forward_intermediates(tokens, indices=[-2], training=False, stop_early=True, return_attention=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(early["output"]), blocks[1], atol=1e-5)
+    assert len(early["attention"]) == 2  # the last block did not run
+
+
+@pytest.mark.parametrize("kwargs", [dict(indices=[3]), dict(indices=[-4]), dict(indices=[True]),
+                                    dict(stop_early=True)])
+def test_forward_intermediates_bad_arguments(kwargs):
+    encoder = ViTEncoder.from_preset("vit_test", depth=3)
+    tokens = encoder.embed(np.zeros((1, 32, 32, 3), "float32"))
+    with pytest.raises(ValueError, match="indices"):
+        encoder.forward_intermediates(tokens, **kwargs)

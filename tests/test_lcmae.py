@@ -5,168 +5,16 @@ import numpy as np
 import pytest
 
 from keras_lcmae import LCMAE, SETTINGS, TransformerDecoder, ViTEncoder
-from keras_lcmae.losses import collapse_std, contrastive_terms, cross_view_loss, in_view_loss
-from keras_lcmae.masking import random_masking
 from keras_lcmae.models import resolve_loss_weights
 from keras_lcmae.ops import patchify
 from tests.helpers import assert_config_mirrors_init, gradients, to_np
-
-
-def np_cos(a, b):
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
-
-
-def np_cross_view(v1, v2, m1, m2):
-    """Eq. 5 with batch normalisation, by explicit loops."""
-    total, count = 0.0, 0
-    for b in range(v1.shape[0]):
-        for i in range(v1.shape[1]):
-            if m1[b, i] and m2[b, i]:
-                total += 1 - np_cos(v1[b, i], v2[b, i])
-                count += 1
-    return total / max(count, 1)
-
-
-def np_in_view(v, x, m):
-    """Eq. 6 with batch normalisation, by explicit loops over ordered pairs."""
-    total, count = 0.0, 0
-    for b in range(v.shape[0]):
-        for i in range(v.shape[1]):
-            for j in range(v.shape[1]):
-                if i != j and m[b, i] and m[b, j]:
-                    total += abs(np_cos(v[b, i], v[b, j]) - np_cos(x[b, i], x[b, j]))
-                    count += 1
-    return total / max(count, 1)
-
-
-def realistic_masks(rng, b, n, ratio=0.75):
-    dummy = np.zeros((b, n, 1), "float32")
-    return to_np(random_masking(dummy, ratio, noise=rng.random((b, n)).astype("float32"))["mask"])
+from tests.test_losses import np_cross_view, np_in_view
 
 
 def tiny_lcmae(**kwargs):
     encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2)
     kwargs.setdefault("projector_dim", 48)
     return LCMAE(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2), seed=3, **kwargs)
-
-
-def test_cross_view_matches_numpy(rng):
-    v1 = rng.normal(size=(3, 16, 24)).astype("float32")
-    v2 = rng.normal(size=(3, 16, 24)).astype("float32")
-    m1, m2 = realistic_masks(rng, 3, 16), realistic_masks(rng, 3, 16)
-    assert 0 < (m1 * m2).sum() < m1.sum()
-    np.testing.assert_allclose(float(to_np(cross_view_loss(v1, v2, m1, m2))), np_cross_view(v1, v2, m1, m2), rtol=1e-5)
-
-
-@pytest.mark.parametrize("n,ratio", [(16, 0.75), (49, 0.75), (36, 0.5)])
-def test_in_view_matches_numpy(rng, n, ratio):
-    v = rng.normal(size=(2, n, 24)).astype("float32")
-    x = rng.random((2, n, 12)).astype("float32")
-    x[0, 3] = 0.0  # an all-black patch: cosine 0, never NaN
-    m = realistic_masks(rng, 2, n, ratio)
-    ours = float(to_np(in_view_loss(v, x, m)))
-    assert np.isfinite(ours)
-    np.testing.assert_allclose(ours, np_in_view(v, x, m), rtol=1e-5)
-
-
-def test_identical_views_give_zero_cross_loss(rng):
-    v = rng.normal(size=(2, 16, 8)).astype("float32")
-    m = realistic_masks(rng, 2, 16)
-    assert abs(float(to_np(cross_view_loss(v, v, m, m)))) < 1e-6
-
-
-def test_constant_projector_collapses_cross_but_not_in_view(rng):
-    x = rng.random((2, 16, 48)).astype("float32") - 0.5
-    m1, m2 = realistic_masks(rng, 2, 16), realistic_masks(rng, 2, 16)
-    const = np.broadcast_to(rng.normal(size=(1, 1, 8)), (2, 16, 8)).astype("float32")
-    spread = rng.normal(size=(2, 16, 8)).astype("float32")
-    assert abs(float(to_np(cross_view_loss(const, const, m1, m2)))) < 1e-6
-    collapsed_in = float(to_np(in_view_loss(const, x, m1)))
-    # cos(v_i, v_j) = 1 for all pairs: L_in = mean |1 - cos(x_i, x_j)|, large.
-    assert collapsed_in > 0.8
-    assert collapsed_in > 1.5 * float(to_np(in_view_loss(spread, x, m1)))
-    assert float(to_np(collapse_std(const))) < 1e-3
-    assert float(to_np(collapse_std(spread))) > 0.2
-    # v following the input similarity structure exactly gives L_in = 0.
-    assert float(to_np(in_view_loss(x, x, m1))) < 1e-6
-
-
-def test_collapse_std_matches_numpy(rng):
-    v = rng.normal(size=(2, 10, 6)).astype("float32") + 0.5
-    m = (rng.random((2, 10)) < 0.6).astype("float32")
-    u = v.reshape(-1, 6) / np.linalg.norm(v.reshape(-1, 6), axis=1, keepdims=True)
-    np.testing.assert_allclose(float(to_np(collapse_std(v))), np.sqrt(u.var(0).mean()), rtol=1e-4)
-    sel = u[m.reshape(-1) == 1]
-    np.testing.assert_allclose(float(to_np(collapse_std(v, m))), np.sqrt(sel.var(0).mean()), rtol=1e-4)
-
-
-def test_no_co_masked_position_is_finite():
-    v = np.ones((1, 4, 3), "float32")
-    m1 = np.array([[1, 1, 0, 0]], "float32")
-    m2 = np.array([[0, 0, 1, 1]], "float32")
-    assert float(to_np(cross_view_loss(v, v + 1, m1, m2))) == 0.0
-    one = np.array([[1, 0, 0, 0]], "float32")
-    assert float(to_np(in_view_loss(v, v, one))) == 0.0
-
-
-class _Holder(keras.layers.Layer):
-    """Variables to differentiate the pure loss functions against."""
-
-    def __init__(self, arrays):
-        super().__init__()
-        self.vs = [self.add_weight(shape=a.shape, initializer=keras.initializers.Constant(a)) for a in arrays]
-
-
-def test_zero_projector_output_has_finite_gradients(rng):
-    # An all-zero v (zero features with the projector's zero initial bias) has
-    # cosine 0 with anything, as torch.nn.functional.normalize gives; its
-    # gradient must be finite too: max(sqrt(|v|^2), eps) gave 0 * inf = NaN.
-    b, n, k, d = 2, 6, 2, 5
-    v = rng.normal(size=(2 * b, n, d)).astype("float32")
-    v[0, 1] = 0.0
-    v[b, 1] = 0.0  # the same position in view 2, so the zero sits in L_cross too
-    x = rng.normal(size=(2 * b, n, 7)).astype("float32")
-    shuffle = np.stack([np.r_[0, 2, 1, 3, 4, 5]] * 2 + [rng.permutation(n)] * (2 * b - 2)).astype("int32")
-    shuffle[b] = np.r_[2, 1, 0, 3, 4, 5]  # position 1 masked in both views of image 0
-    restore = np.argsort(shuffle, axis=1).astype("int32")
-    ids_masked = shuffle[:, k:]
-    mask = (restore >= k).astype("float32")
-    feats = np.take_along_axis(v, ids_masked[..., None], axis=1)
-    xm = np.take_along_axis(x, ids_masked[..., None], axis=1)
-    kernel = rng.normal(size=(d, 8)).astype("float32")
-    holder = _Holder([v, feats, kernel])
-
-    def explicit():
-        vv = holder.vs[0]
-        return cross_view_loss(vv[:b], vv[b:], mask[:b], mask[b:]) + in_view_loss(vv, x, mask)
-
-    def narrow():  # features narrower than the projector: the inner-product path
-        t = contrastive_terms(holder.vs[1], xm, ids_masked, restore, k, holder.vs[2], np.zeros(8, "float32"))
-        return t["cross"] + t["in"]
-
-    def given_v():
-        t = contrastive_terms(holder.vs[1], xm, ids_masked, restore, k)
-        return t["cross"] + t["in"]
-
-    for fn in (explicit, narrow, given_v):
-        assert np.isfinite(float(to_np(fn()))), fn.__name__
-        grads = [g for g in gradients(holder, fn) if g is not None]
-        assert grads and all(np.isfinite(g).all() for g in grads), fn.__name__
-    # value: the zero vector has cosine 0 (torch.nn.functional.normalize semantics)
-    u = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-    both = mask[:b] * mask[b:]
-    ref_cross = (both * (1 - (u[:b] * u[b:]).sum(-1))).sum() / both.sum()
-    np.testing.assert_allclose(float(to_np(cross_view_loss(v[:b], v[b:], mask[:b], mask[b:]))), ref_cross, rtol=1e-5)
-
-
-def test_shape_errors_are_named(rng):
-    v = rng.normal(size=(2, 16, 8)).astype("float32")
-    m = np.ones((2, 16), "float32")
-    with pytest.raises(ValueError, match="Shape mismatch"):
-        cross_view_loss(v, v[:, :8], m, m)
-    with pytest.raises(ValueError, match="`mask` must have rank 2"):
-        in_view_loss(v, v, m[None])
 
 
 def test_two_independent_views_in_one_pass(rng):
