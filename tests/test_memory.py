@@ -217,8 +217,11 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="reads MAE"):
         memory.estimate_training_memory(keras.Sequential([keras.layers.Dense(2)]), 2)
     # a bare encoder with a job is fine
-    est = memory.estimate_training_memory(_encoder(), 4, job="finetune", backend="torch", compute_dtype=4)
-    assert est["activations"] > 0
+    enc = _encoder()
+    est = memory.estimate_training_memory(enc, 4, job="finetune", backend="torch", compute_dtype=4)
+    same = _est(job="finetune", batch_size=4, image_size=64, patch_size=8, hidden_dim=64, depth=2, num_heads=2,
+                compute_dtype=4)
+    assert est["activations"] == same["activations"] > 0  # the encoder's sizes were read
 
 
 @formula
