@@ -119,18 +119,18 @@ def native_cpu_dtype(dtype, cpuinfo="/proc/cpuinfo"):
 
 def backend_on_cpu():
     """Whether the Keras backend computes on the CPU (no GPU or TPU in use)."""
-    import keras  # noqa: PLC0415
+    import keras
 
     backend = keras.backend.backend()
     if backend == "torch":
         # where Keras puts a tensor (KERAS_TORCH_DEVICE, else mps, cuda, xpu)
         return keras.ops.zeros(()).device.type == "cpu"
     if backend == "jax":
-        import jax  # noqa: PLC0415
+        import jax
 
         return jax.default_backend() == "cpu"
     if backend == "tensorflow":
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
 
         return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return True
@@ -145,7 +145,7 @@ def cpu_precision_warning(policy, cpuinfo="/proc/cpuinfo", on_cpu=None):
     :func:`backend_on_cpu`) are arguments so that the check can be tested
     anywhere.
     """
-    import keras  # noqa: PLC0415
+    import keras
 
     policy = keras.dtype_policies.get(policy) if isinstance(policy, str) else policy
     compute = keras.backend.standardize_dtype(policy.compute_dtype)
