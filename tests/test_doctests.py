@@ -37,6 +37,10 @@ EXAMPLE_FLOORS = {
     "keras_lcmae.analysis.inputs": 0,  # files and checkpoints on disk; tools/analyze.py
     "keras_lcmae.analysis.metrics": 11,
     "keras_lcmae.analysis.plots": 0,  # matplotlib figures
+    "keras_lcmae.backend": 1,
+    "keras_lcmae.backend.blocks": 0,  # speed paths: tests/test_backend.py compares each with the plain path
+    "keras_lcmae.backend.keras_internals": 0,  # hooks of Keras' classes: tests/test_backend.py
+    "keras_lcmae.backend.torch_optim": 0,  # PyTorch kernels: tests/test_backend.py
     "keras_lcmae.callbacks": 49,
     "keras_lcmae.classifier": 24,
     "keras_lcmae.clustering": 19,
