@@ -5,25 +5,19 @@ multiplies 16-bit floats natively.
 activation-sized buffers (megabytes each) every step. glibc's ``malloc``
 serves blocks above its mmap threshold with fresh ``mmap`` pages and gives
 freed memory at the top of its heap back to the kernel, so each step
-page-faults and zero-fills its activations anew (~20 000 minor faults per
-tiny32 MAE step on PyTorch). :func:`keep_freed_memory` raises both
-thresholds, so freed blocks are reused, and the process keeps its
-high-water mark instead of handing memory back between steps. Our models'
-peak RSS stayed within 1 % (tiny32 1366 -> 1371 MB, base224 3278 -> 3285
-MB, PyTorch float32); a fixed threshold can fragment other programs' heaps
-more (HF ViTMAE base224: 2.7 -> 3.2 GB). The recipes call it;
-``tools/benchmark.py`` measures it.
+page-faults and zero-fills its activations anew. :func:`keep_freed_memory`
+raises both thresholds, so freed blocks are reused, and the process keeps
+its high-water mark instead of handing memory back between steps. Our
+models' peak RSS stayed within 1 %; a fixed threshold can fragment other
+programs' heaps more (``docs/benchmarks.md``, "Allocator A/B"). The recipes
+call it; ``tools/benchmark.py`` measures it.
 
 **16-bit floats.** bf16 and fp16 training only pay on a CPU with 16-bit
 matrix instructions (x86: AVX-512 BF16 / AVX512-FP16 or AMX; Arm: the BF16
-extension, half-precision SIMD). Without them the backends emulate them. On
-a 2-core AMD EPYC with AVX2 and no AVX-512 (``tools/benchmark.py``, tiny32
-MAE, median step) bf16 took 16x the float32 step on PyTorch (12.7 vs 0.79 s;
-HF ViTMAE under bf16 autocast 11.2 vs 0.74 s), 1.7x on TensorFlow and 1.2x
-on JAX; a PyTorch [1088, 192] x [192, 768] matmul took 4 ms in float32, 280
-ms in bf16 and 262 ms in fp16. On an EPYC with AVX-512 BF16, PyTorch bf16
-was the faster one (1.6-1.9x float32). :func:`cpu_precision_warning` says so
-before a run starts; the pretraining recipe logs it.
+extension, half-precision SIMD). Without them the backends emulate them,
+and a bf16 step takes many times the float32 one (most on PyTorch;
+``docs/benchmarks.md`` has the measurements). :func:`cpu_precision_warning`
+says so before a run starts; the pretraining recipe logs it.
 """
 
 import ctypes
@@ -119,18 +113,18 @@ def native_cpu_dtype(dtype, cpuinfo="/proc/cpuinfo"):
 
 def backend_on_cpu():
     """Whether the Keras backend computes on the CPU (no GPU or TPU in use)."""
-    import keras  # noqa: PLC0415
+    import keras
 
     backend = keras.backend.backend()
     if backend == "torch":
         # where Keras puts a tensor (KERAS_TORCH_DEVICE, else mps, cuda, xpu)
         return keras.ops.zeros(()).device.type == "cpu"
     if backend == "jax":
-        import jax  # noqa: PLC0415
+        import jax
 
         return jax.default_backend() == "cpu"
     if backend == "tensorflow":
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
 
         return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return True
@@ -145,7 +139,7 @@ def cpu_precision_warning(policy, cpuinfo="/proc/cpuinfo", on_cpu=None):
     :func:`backend_on_cpu`) are arguments so that the check can be tested
     anywhere.
     """
-    import keras  # noqa: PLC0415
+    import keras
 
     policy = keras.dtype_policies.get(policy) if isinstance(policy, str) else policy
     compute = keras.backend.standardize_dtype(policy.compute_dtype)
@@ -164,7 +158,7 @@ def cpu_precision_warning(policy, cpuinfo="/proc/cpuinfo", on_cpu=None):
     )
 
 
-# what emulation cost on a 2-core AVX2 EPYC (see the module docstring)
+# what emulation cost on a 2-core AVX2 EPYC (docs/benchmarks.md), quoted in the warning
 _EMULATED = {
     "bfloat16": "tiny32 MAE took 16x the float32 step on PyTorch, 1.7x on TensorFlow, 1.2x on JAX",
     "float16": "a PyTorch float16 matmul took 65x the float32 one",

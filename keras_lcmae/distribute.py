@@ -2,7 +2,8 @@
 and the masking need so that a distributed step equals a one-device step.
 
 This is the one library module besides ``data.py`` that touches TensorFlow
-directly. Names (the recipes' ``--strategy`` flag):
+directly (imported on first use, by :func:`keras_lcmae.backend.tf`). Names
+(the recipes' ``--strategy`` flag):
 
 - ``none``: one device (the default).
 - ``mirrored``: ``tf.distribute.MirroredStrategy`` over the local GPUs (or the
@@ -27,13 +28,10 @@ import os
 
 import keras
 
+from keras_lcmae.backend import keras_internals
+from keras_lcmae.backend import tf as _tf
+
 STRATEGIES = ("none", "mirrored", "multiworker", "tpu", "data_parallel")
-
-
-def _tf():
-    import tensorflow as tf  # noqa: PLC0415 - only on the TensorFlow paths
-
-    return tf
 
 
 def split_host_devices(n):
@@ -68,7 +66,7 @@ class Setup:
         self.worker = worker
 
     def scope(self):
-        import contextlib  # noqa: PLC0415
+        import contextlib
 
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
@@ -105,7 +103,7 @@ def setup(name="none", tpu=None):
         strategy = tf.distribute.MirroredStrategy()
         return Setup(name, strategy, strategy.num_replicas_in_sync)
     if name == "multiworker":
-        import json  # noqa: PLC0415
+        import json
 
         raw = os.environ.get("TF_CONFIG")
         if not raw:
@@ -200,7 +198,7 @@ def _multi_worker_replica():
     strategy = tf.distribute.get_strategy()
     return (
         isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
+        and keras_internals.in_multi_worker_mode(strategy)
         and not tf.distribute.in_cross_replica_context()
     )
 
@@ -238,18 +236,14 @@ def prepare_fit(model):
     strategy = getattr(model, "distribute_strategy", None)
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return model
-    build = model._maybe_symbolic_build
 
-    def reduce_each(iterator=None, data_batch=None):
-        if iterator is not None and data_batch is None:
-            for _, _, it in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda v: strategy.reduce("MEAN", v, axis=None)
-                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
-                break
-        return build(data_batch=data_batch)
+    def reduce_each(batch):
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce("MEAN", v, axis=None) if isinstance(v, tf.distribute.DistributedValues) else v,
+            batch,
+        )
 
-    model._maybe_symbolic_build = reduce_each
+    keras_internals.reduce_batch_before_build(model, reduce_each)
     metrics = model.get_metrics_result
     model.get_metrics_result = lambda: step_logs(metrics())
     return model

@@ -5,11 +5,16 @@ projection with bias, exact (erf) GELU in an MLP of ratio 4, LayerNorm with
 ``epsilon=1e-6``, xavier-uniform linear kernels and zero biases.
 """
 
-import functools
-
 import keras
 from keras import ops
 
+from keras_lcmae.backend import blocks as _fast
+from keras_lcmae.backend.blocks import (  # noqa: F401  (public here: the blocks' speed paths)
+    exact_gelu,
+    fused_attention_is_fast,
+    gradient_fusion_break,
+    needs_gradient_fusion_break,
+)
 from keras_lcmae.ops import patchify, to_2tuple
 
 LAYER_NORM_EPSILON = 1e-6
@@ -95,54 +100,6 @@ class DropPath(keras.layers.Layer):
         return config
 
 
-@functools.lru_cache(maxsize=None)
-def _tf_wide_gelu():
-    import tensorflow as tf  # noqa: PLC0415
-
-    @tf.custom_gradient
-    def gelu(x):
-        xw = tf.cast(x, tf.float32)  # computed in float32, rounded once (as PyTorch's bf16 GELU)
-        cdf = 0.5 * tf.math.erfc(xw * -0.7071067811865476)  # Phi(x)
-
-        def grad(dy):
-            pdf = tf.exp(-0.5 * tf.square(xw)) * 0.3989422804014327  # phi(x)
-            return tf.cast(tf.cast(dy, tf.float32) * (cdf + xw * pdf), x.dtype)
-
-        return tf.cast(xw * cdf, x.dtype), grad
-
-    return gelu
-
-
-def exact_gelu(x):
-    """The exact (erf) GELU, ``x * Phi(x)``, of the blocks' MLPs (timm's
-    ``nn.GELU``). On TensorFlow with 16-bit inputs it is a custom gradient
-    computed in float32 that reuses the forward's ``Phi(x)``: TensorFlow's
-    own ``gelu`` runs its ``erfc`` in bf16 (6x its float32 time) and
-    differentiates the composite op by op (fwd+bwd of a ViT-B decoder MLP
-    activation, (8, 197, 2048): 33 -> 27 ms). float32 keeps TensorFlow's
-    ``gelu``, so float32 training is bit-identical to it; PyTorch has a
-    fused kernel and JAX's XLA fuses the chain, so they keep
-    ``keras.activations.gelu`` too."""
-    if keras.backend.backend() == "tensorflow" and keras.backend.standardize_dtype(x.dtype) in ("bfloat16", "float16"):
-        return _tf_wide_gelu()(x)
-    return keras.activations.gelu(x, approximate=False)
-
-
-def fused_attention_is_fast(q):
-    """Whether ``keras.ops.dot_product_attention`` is the fast path for ``q``.
-
-    It is everywhere except PyTorch on the CPU in 16-bit: there the fused
-    ``scaled_dot_product_attention`` forward+backward in bf16 ran 2-5x slower
-    than in float32 and than the explicit matmul-softmax-matmul (timed per
-    attention shape of tiny32 and ViT-B on the project's 2-core CPU, torch
-    2.13), so the explicit path is taken; ``tools/benchmark.py`` times whole
-    steps with the path this function picks.
-    """
-    if keras.backend.backend() != "torch" or keras.backend.standardize_dtype(q.dtype) not in ("bfloat16", "float16"):
-        return True
-    return getattr(getattr(q, "device", None), "type", None) != "cpu"
-
-
 @keras.saving.register_keras_serializable(package="keras_lcmae")
 class Attention(keras.layers.Layer):
     """Multi-head self-attention with a fused ``qkv`` projection.
@@ -189,8 +146,7 @@ class Attention(keras.layers.Layer):
         qkv = ops.reshape(self.qkv.call(x), (b, t, 3, self.num_heads, self.head_dim))
         # one unstack, not three slices: the gradient is one stack of the
         # three, where each slice's gradient would write a zero-filled copy
-        # of the whole qkv tensor and add them up (TensorFlow without XLA
-        # trained tiny32 1.3x faster; PyTorch's ViT-B bf16 step 1.035-1.09x)
+        # of the whole qkv tensor and add them up
         q, k, v = ops.unstack(qkv, 3, axis=2)  # (B, T, H, Dh)
         if not return_attention and fused_attention_is_fast(q):
             out = ops.dot_product_attention(q, k, v)
@@ -265,9 +221,7 @@ class Block(keras.layers.Layer):
         # The sublayers run by their ``call``, inside this block's ``__call__``
         # (which casts the input and opens the mixed-precision autocast scope
         # that casts their variables): the same operations and results, bit
-        # for bit, without Keras' per-call bookkeeping. On PyTorch in bf16 that
-        # made the tiny32 MAE step 1.06x faster and ViT-B's 1.016x (A/B
-        # interleaved in one process; docs/benchmarks.md).
+        # for bit, without Keras' per-call bookkeeping (docs/benchmarks.md).
         h = self.norm1.call(x)
         if return_attention:
             h, attn = self.attn.call(h, return_attention=True)
@@ -309,62 +263,14 @@ def validate_image_shape(shape, image_size, num_channels, who):
         )
 
 
-@functools.cache
-def _jax_fusion_break():
-    """An identity for JAX whose backward passes the cotangent through a
-    ``lax.cond`` whose predicate is always true but not foldable.
-
-    Why: XLA:CPU fuses the chain of residual-stream gradient additions of all
-    blocks into every consumer, duplicating it, so the backward of a stack of
-    ``L`` blocks does O(L^2) elementwise work (measured: the 12-block tiny32
-    encoder's gradient took 7.3x its forward, a single block's 3.2x; the
-    fusions of the compiled gradient grew by ~24 ops a block). A conditional
-    is a boundary no fusion crosses, so each block's cotangent is materialised
-    once. ``jax.lax.optimization_barrier`` does not help: XLA:CPU removes it
-    before fusion. The predicate ``(e == e) | (e != e)`` is true for every
-    float including NaN and inf, so the cotangent always passes unchanged.
-    """
-    import jax  # noqa: PLC0415
-
-    @jax.custom_vjp
-    def fusion_break(x):
-        return x
-
-    def fwd(x):
-        return x, None
-
-    def bwd(_, g):
-        e = g.reshape(-1)[0]
-        return (jax.lax.cond((e == e) | (e != e), lambda t: t, jax.numpy.zeros_like, g),)
-
-    fusion_break.defvjp(fwd, bwd)
-    return fusion_break
-
-
-def needs_gradient_fusion_break():
-    """True on JAX with the CPU platform (see :func:`gradient_fusion_break`);
-    GPUs and TPUs keep the plain graph (a conditional there costs a
-    device-to-host read of the predicate)."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax  # noqa: PLC0415
-
-    return jax.default_backend() == "cpu"
-
-
-def gradient_fusion_break(x):
-    """Identity in value and gradient; on JAX/CPU it stops XLA from fusing
-    gradient chains across this point (:func:`_jax_fusion_break`)."""
-    return _jax_fusion_break()(x) if needs_gradient_fusion_break() else x
-
-
 def run_blocks(blocks, x, training=None, return_attention=False):
     """Runs Transformer blocks in order; returns ``(x, attentions)`` where
     ``attentions`` lists each block's ``(B, heads, T, T)`` weights when asked
     (else it is empty). On JAX/CPU each block's input passes
-    :func:`gradient_fusion_break` (a 1.5x-2x faster backward there)."""
+    :func:`gradient_fusion_break` (a faster backward there; see
+    :func:`keras_lcmae.backend.blocks.jax_fusion_break`)."""
     attentions = []
-    fusion_break = _jax_fusion_break() if needs_gradient_fusion_break() else None
+    fusion_break = _fast.jax_fusion_break() if needs_gradient_fusion_break() else None
     for block in blocks:
         if fusion_break is not None:
             x = fusion_break(x)
@@ -387,7 +293,7 @@ def add_sincos_table(layer, name, dim, grid_size, trainable=False):
     """A ``(1, 1 + rows*cols, dim)`` 2-D sin-cos table with the zero ``[CLS]``
     row, fixed (non-trainable) unless ``trainable``; a loaded checkpoint
     overwrites it."""
-    from keras_lcmae.ops import get_2d_sincos_pos_embed  # noqa: PLC0415
+    from keras_lcmae.ops import get_2d_sincos_pos_embed
 
     rows, cols = grid_size
     table = layer.add_weight(shape=(1, rows * cols + 1, dim), initializer="zeros", trainable=bool(trainable), name=name)

@@ -7,6 +7,13 @@ import math
 import keras
 from keras import ops
 
+from keras_lcmae.backend.keras_internals import (  # noqa: F401  (ReleasesGradients: public here)
+    AccumulatesGradients,
+    KerasAdamWFastUpdate,
+    LayerDecayAdamWFastUpdate,
+    ReleasesGradients,
+)
+
 
 def scaled_lr(blr, batch_size):
     """The MAE rule ``lr = blr * batch_size / 256``."""
@@ -56,25 +63,6 @@ def decay_exclusions(model):
     return [v for v in model.trainable_variables if len(v.shape) <= 1]
 
 
-class ReleasesGradients:
-    """Mixin for a ``keras.Model``: on PyTorch, each training step first frees
-    the previous step's gradients (``.grad = None``).
-
-    Keras' PyTorch ``train_step`` clears them only after the forward pass, so
-    they sit in memory next to that step's activations and raise the peak by
-    up to the size of the trainable weights (ViT-B MAE in bf16, batch 8 on
-    the CPU: peak RSS over six steps 3.09 -> 2.79 GB; ``tools/benchmark.py``
-    3.5 -> 3.3 GB). The gradients are never needed after the
-    optimizer's update, and Keras' own clearing then finds nothing to clear.
-    Other backends keep no gradients between steps; nothing changes there.
-    """
-
-    def train_step(self, *args, **kwargs):
-        if keras.backend.backend() == "torch":
-            self.zero_grad(set_to_none=True)
-        return super().train_step(*args, **kwargs)
-
-
 class CompilesFromConfig:
     """Mixin for a ``keras.Model`` whose ``compile()`` fills in defaults:
     loading a saved model compiles it again from its saved compile config
@@ -89,175 +77,19 @@ class CompilesFromConfig:
             self.optimizer.build(self.trainable_variables)
 
 
-def _torch_cpu_fused(variables):
-    """Whether PyTorch's fused AdamW kernel can update ``variables``: the
-    PyTorch backend, tensors on the CPU (where foreach operations are
-    per-tensor loops and the fused kernel makes one pass)."""
-    if keras.backend.backend() != "torch" or not variables:
-        return False
-    import torch  # noqa: PLC0415
-
-    return hasattr(torch, "_fused_adamw_") and variables[0].value.device.type == "cpu"
-
-
-def _torch_adam_state(opt, trainable_variables, grads):
-    """The tensors an Adam update writes: parameters, first and second
-    moments, and the gradients in the parameters' dtype."""
-    params = [v.value for v in trainable_variables]
-    m = [opt._momentums[opt._get_variable_index(v)].value for v in trainable_variables]
-    v2 = [opt._velocities[opt._get_variable_index(v)].value for v in trainable_variables]
-    return params, m, v2, [_torch_like(g, p) for g, p in zip(grads, params)]
-
-
-def _torch_like(gradient, tensor):
-    """``gradient`` (a torch tensor, or an array a user passed to
-    ``optimizer.apply``) as a torch tensor of ``tensor``'s dtype and device."""
-    import torch  # noqa: PLC0415
-
-    return torch.as_tensor(gradient, device=tensor.device).to(tensor.dtype)
-
-
-def _fused_adamw_groups(opt, trainable_variables, grads, groups, t, eps):
-    """Runs ``torch._fused_adamw_`` once per group; ``groups`` maps
-    ``(lr, weight_decay)`` (host floats) to variable indices. The kernel is
-    ``torch.optim.AdamW``'s: ``p *= 1 - lr wd``; ``p -= lr / (1 - b1^t) * m /
-    (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
-    import torch  # noqa: PLC0415
-
-    with torch.no_grad():
-        params, m, v2, grads = _torch_adam_state(opt, trainable_variables, grads)
-        step = torch.tensor(float(t), dtype=torch.float32)
-        for (lr, wd), idx in groups.items():
-            torch._fused_adamw_(
-                [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx], [v2[i] for i in idx], [],
-                [step] * len(idx), lr=lr, beta1=opt.beta_1, beta2=opt.beta_2, weight_decay=wd, eps=eps,
-                amsgrad=False, maximize=False,
-            )
-
-
-def _value(variable):
-    """The current value of a Keras variable (inside JAX's stateless scope
-    too), or the backend variable itself (TensorFlow may pass its own)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-class AccumulatesGradients:
-    """Gradient accumulation for the project's optimizers: ``accum_steps=K``
-    micro-batches make one update, as official MAE's ``--accum_iter``.
-
-    Each micro-batch's gradient (of its own mean loss) is added to an
-    accumulator; every K-th micro-batch the optimizer updates with the mean of
-    the K gradients, ``(g_1 + ... + g_K) / K`` (official MAE divides each
-    micro-batch's loss by K, which is the same), and empties the accumulator.
-    So for a loss that is a plain mean over images, K micro-batches of ``b``
-    give the update of one batch of ``K * b``.
-
-    ``iterations`` counts **updates** (``floor(micro_steps / K)``); the
-    learning-rate schedule, Adam's bias correction and the weight decay read
-    it, so a schedule written in updates is followed exactly. The micro-batch
-    count stays in the ``_iterations`` variable, which backups save with the
-    accumulators, so a run resumed mid-cycle continues it.
-
-    How: on PyTorch (eager) a micro-batch that is not the K-th only adds to
-    the accumulator. A compiled step (TensorFlow, JAX) cannot branch on the
-    count without breaking ``tf.distribute``'s cross-replica update, so each
-    variable's update is computed on every micro-batch from the accumulated
-    gradient and kept only on the K-th (``where``); the others leave the
-    variable and its slots as they were. Under ``tf.distribute`` the gradient
-    reaching ``update_step`` is already summed over replicas, so the
-    accumulator holds the global gradient on every replica.
-    """
-
-    def _init_accumulation(self, accum_steps):
-        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-            raise ValueError(f"`accum_steps` must be an integer >= 1 (micro-batches per update), got {accum_steps!r}.")
-        if accum_steps > 1 and (self.clipnorm or self.global_clipnorm or self.clipvalue or self.use_ema):
-            raise ValueError(
-                "`accum_steps` > 1 does not combine with gradient clipping or EMA here (they would act on each "
-                "micro-batch instead of the accumulated gradient)."
-            )
-        if accum_steps > 1 and self.gradient_accumulation_steps:
-            raise ValueError("Give `accum_steps` or Keras' `gradient_accumulation_steps`, not both.")
-        self.accum_steps = int(accum_steps)
-
-    @property
-    def iterations(self):
-        """Optimizer updates made (micro-batches // ``accum_steps``)."""
-        k = getattr(self, "accum_steps", 1)
-        if k > 1:
-            return ops.floor_divide(self._iterations, k)
-        return super().iterations
-
-    def _get_current_learning_rate(self):
-        # Keras passes the micro-batch count to a schedule; the schedule here is in updates.
-        if getattr(self, "accum_steps", 1) > 1 and isinstance(
-            self._learning_rate, keras.optimizers.schedules.LearningRateSchedule
-        ):
-            return self._learning_rate(self.iterations)
-        return super()._get_current_learning_rate()
-
-    def _build_accumulators(self, variables):
-        self._accumulators = self.add_optimizer_variables(variables, "accumulator") if self.accum_steps > 1 else []
-
-    def _slots(self, index):
-        """The optimizer variables an update of variable ``index`` writes."""
-        raise NotImplementedError
-
-    def _masked_accumulation(self):
-        return self.accum_steps > 1 and keras.backend.backend() != "torch"
-
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        if self.accum_steps == 1 or keras.backend.backend() != "torch":
-            return super()._backend_apply_gradients(grads, trainable_variables)
-        import torch  # noqa: PLC0415
-
-        accumulators = [self._accumulators[self._get_variable_index(v)].value for v in trainable_variables]
-        micro = int(ops.convert_to_numpy(self._iterations))
-        with torch.no_grad():
-            grads = [_torch_like(g, a) for g, a in zip(grads, accumulators)]
-            if (micro + 1) % self.accum_steps:
-                torch._foreach_add_(accumulators, grads)
-                return None
-            grads = [(a + g) / self.accum_steps for a, g in zip(accumulators, grads)]
-            for a in accumulators:
-                a.zero_()
-        return super()._backend_apply_gradients(grads, trainable_variables)
-
-    def _accumulating_update(self, gradient, variable, learning_rate, update):
-        """Runs ``update(gradient, variable, learning_rate)`` (which writes
-        ``variable`` and its slots) with the accumulated mean gradient, and
-        keeps what it wrote only on every ``accum_steps``-th micro-batch."""
-        index = self._get_variable_index(variable)
-        accumulator = self._accumulators[index]
-        total = _value(accumulator) + ops.cast(gradient, accumulator.dtype)
-        is_update = ops.equal(ops.mod(self._iterations + 1, self.accum_steps), 0)
-        state = [variable, *self._slots(index)]
-        before = [ops.copy(_value(s)) for s in state]
-        update(total / self.accum_steps, variable, learning_rate)
-        for s, old in zip(state, before):
-            self.assign(s, ops.where(is_update, _value(s), old))
-        self.assign(accumulator, ops.where(is_update, ops.zeros_like(total), total))
-
-    def _accumulation_config(self, config):
-        config["accum_steps"] = self.accum_steps
-        return config
-
-
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
+class AdamW(KerasAdamWFastUpdate, AccumulatesGradients, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` -- the same update on every backend -- with
     a faster update on PyTorch.
 
     The update is Keras': the decoupled decay ``p *= 1 - lr * wd`` (skipped
     for excluded variables), then ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) *
     m / (sqrt(v) + eps)``. Keras' PyTorch AdamW computes it with five
-    temporary copies of all parameters per step. Here, on a PyTorch CPU
-    tensor, it is PyTorch's fused AdamW kernel (one pass over ``p, g, m,
-    v``; decay included) with ``eps / sqrt(1 - b2^t)`` in place of ``eps``,
-    which is the same formula; on other PyTorch devices, in-place foreach
-    operations with one temporary. ``tools/benchmark.py`` measures the
-    difference (on the 2-core CPU, ViT-B MAE: 1.07 s -> 0.07 s per update).
-    Other backends, and ``amsgrad``, take Keras' own path.
+    temporary copies of all parameters per step; on PyTorch this one runs
+    PyTorch's fused or foreach kernels instead
+    (:class:`~keras_lcmae.backend.keras_internals.KerasAdamWFastUpdate`;
+    ``tools/benchmark.py`` measures the difference). Other backends, and
+    ``amsgrad``, take Keras' own path.
 
     ``exclude_1d=True`` exempts every variable of rank <= 1 (biases, norm
     scales and offsets; :func:`decay_exclusions`) from the decay, besides
@@ -276,10 +108,10 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
         self._init_accumulation(accum_steps)
         self.exclude_1d = bool(exclude_1d)
 
-    def _use_weight_decay(self, variable):
+    def decays_variable(self, variable):
         if self.exclude_1d and len(variable.shape) <= 1:
             return False
-        return super()._use_weight_decay(variable)
+        return super().decays_variable(variable)
 
     def build(self, variables):
         if self.built:
@@ -287,23 +119,14 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
         super().build(variables)
         self._build_accumulators(variables)
         # decided in Python per index: `update_step` may get TensorFlow's own variable
-        self._decays = [self.weight_decay is not None and self._use_weight_decay(v) for v in variables]
+        self._decays = [self.weight_decay is not None and self.decays_variable(v) for v in variables]
 
     def _slots(self, index):
-        slots = [self._momentums[index], self._velocities[index]]
-        return slots + ([self._velocity_hats[index]] if self.amsgrad else [])
-
-    def _torch_fused(self, variables):
-        return not self.amsgrad and _torch_cpu_fused(variables)
-
-    def _apply_weight_decay(self, variables):
-        if self._torch_fused(variables) or self._masked_accumulation():
-            return  # the fused kernel, or the accumulating update_step, applies the same decay
-        super()._apply_weight_decay(variables)
+        return self.adam_slots(index)
 
     def _decayed_update(self, gradient, variable, learning_rate):
         """Keras' AdamW step for one variable: the decoupled decay, then Adam."""
-        if self._decays[self._get_variable_index(variable)]:
+        if self._decays[self.variable_index(variable)]:
             lr = ops.cast(learning_rate, variable.dtype)
             self.assign(variable, variable - variable * ops.cast(self.weight_decay, variable.dtype) * lr)
         super().update_step(gradient, variable, learning_rate)
@@ -317,38 +140,6 @@ class AdamW(AccumulatesGradients, keras.optimizers.AdamW):
         config = self._accumulation_config(super().get_config())
         config["exclude_1d"] = self.exclude_1d
         return config
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if keras.backend.backend() != "torch" or self.amsgrad:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        if self._torch_fused(trainable_variables):
-            # host scalars are free on the CPU
-            t = float(ops.convert_to_numpy(self.iterations)) + 1.0
-            lr = float(ops.convert_to_numpy(learning_rate))
-            groups = {}
-            for i, v in enumerate(trainable_variables):
-                wd = self.weight_decay if self.weight_decay is not None and self._use_weight_decay(v) else 0.0
-                groups.setdefault((lr, float(wd)), []).append(i)
-            _fused_adamw_groups(self, trainable_variables, grads, groups, t, self.epsilon / math.sqrt(1.0 - self.beta_2**t))
-            return None
-        import torch  # noqa: PLC0415
-
-        with torch.no_grad():
-            params, m, v2, grads = _torch_adam_state(self, trainable_variables, grads)
-            dtype = params[0].dtype
-            step = ops.cast(self.iterations + 1, dtype)
-            lr = ops.cast(learning_rate, dtype)
-            alpha = lr * ops.sqrt(1 - ops.power(ops.cast(self.beta_2, dtype), step)) / (
-                1 - ops.power(ops.cast(self.beta_1, dtype), step)
-            )
-            torch._foreach_lerp_(m, grads, 1 - self.beta_1)  # m = b1 m + (1 - b1) g
-            torch._foreach_mul_(v2, self.beta_2)
-            torch._foreach_addcmul_(v2, grads, grads, value=1 - self.beta_2)
-            denom = torch._foreach_sqrt(v2)
-            torch._foreach_add_(denom, self.epsilon)
-            torch._foreach_div_(denom, -alpha)  # p += m / (denom / -alpha)
-            torch._foreach_addcdiv_(params, m, denom)
-        return None
 
 
 def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95, accum_steps=1):
@@ -441,14 +232,13 @@ class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
         self._build_accumulators(variables)
         # Decided once per variable, in Python: `update_step` may receive the
         # backend's own variable (TensorFlow), which has no Keras name or path.
-        self._decays = [len(v.shape) > 1 and self._use_weight_decay(v) for v in variables]
+        self._decays = [len(v.shape) > 1 and self.decays_variable(v) for v in variables]
 
     def _slots(self, index):
         return [self.momentums[index]]
 
-    def _apply_weight_decay(self, variables):
-        # The decay is coupled L2 inside `update_step`, not Keras' decoupled one.
-        return
+    def decays_in_update(self, variables):
+        return True  # coupled L2 inside `update_step`, not Keras' decoupled decay
 
     def update_step(self, gradient, variable, learning_rate):
         if self._masked_accumulation():
@@ -456,7 +246,7 @@ class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
         return self._lars_update(gradient, variable, learning_rate)
 
     def _lars_update(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = self.variable_index(variable)
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(gradient, dtype)
@@ -484,7 +274,7 @@ class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
 
 
 def _find_encoder(model):
-    from keras_lcmae.encoder import find_encoder  # noqa: PLC0415  (encoder imports nothing from here)
+    from keras_lcmae.encoder import find_encoder  # encoder imports nothing from here
 
     return find_encoder(model, "Layer-wise lr decay")
 
@@ -538,7 +328,7 @@ def layer_decay_multipliers(model_or_encoder, layer_decay):
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
-class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
+class LayerDecayAdamW(LayerDecayAdamWFastUpdate, AccumulatesGradients, keras.optimizers.Optimizer):
     """AdamW with a per-variable learning-rate multiplier, as the official
     finetuning's parameter groups (layer-wise lr decay).
 
@@ -555,7 +345,8 @@ class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
     paths in ``no_weight_decay`` are not decayed. The update is written with
     ``keras.ops`` in ``update_step`` and runs so on every backend, except on
     PyTorch CPU tensors: there it is exactly ``torch.optim.AdamW``'s fused
-    kernel, called once per (lr multiplier, decay) group.
+    kernel, called once per (lr multiplier, decay) group
+    (:class:`~keras_lcmae.backend.keras_internals.LayerDecayAdamWFastUpdate`).
 
     Args:
         learning_rate: float or ``LearningRateSchedule`` (the lr of the head).
@@ -622,38 +413,21 @@ class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
                     f"layer_decay_multipliers(model, layer_decay) on the model this optimizer trains."
                 )
         super().build(variables)
-        self._momentums, self._velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+        self.momentums, self.velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
         self._build_accumulators(variables)
         # Per-index Python constants: `update_step` may receive the backend's
         # own variable (TensorFlow), which has no Keras path.
         self._scales = [1.0 if self.lr_multipliers is None else self.lr_multipliers[v.path] for v in variables]
         excluded = set(self.no_weight_decay)
         self._decays = [
-            len(v.shape) > 1 and v.path not in excluded and self._use_weight_decay(v) for v in variables
+            len(v.shape) > 1 and v.path not in excluded and self.decays_variable(v) for v in variables
         ]
 
-    def _apply_weight_decay(self, variables):
-        # Decay is applied per variable, scaled, inside the update.
-        return
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # On a PyTorch CPU tensor: the update above is torch.optim.AdamW's per
-        # param group, so PyTorch's fused kernel runs once per (lr scale,
-        # decay) group; elsewhere Keras' per-variable loop over `update_step`.
-        if not _torch_cpu_fused(trainable_variables):
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        t = float(ops.convert_to_numpy(self.iterations)) + 1.0
-        lr = float(ops.convert_to_numpy(learning_rate))
-        groups = {}
-        for i, v in enumerate(trainable_variables):
-            index = self._get_variable_index(v)
-            wd = self.weight_decay if self._decays[index] else 0.0
-            groups.setdefault((lr * self._scales[index], float(wd)), []).append(i)
-        _fused_adamw_groups(self, trainable_variables, grads, groups, t, self.epsilon)
-        return None
+    def decays_in_update(self, variables):
+        return True  # per variable, scaled, inside the update
 
     def _slots(self, index):
-        return [self._momentums[index], self._velocities[index]]
+        return [self.momentums[index], self.velocities[index]]
 
     def update_step(self, gradient, variable, learning_rate):
         if self._masked_accumulation():
@@ -661,7 +435,7 @@ class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
         return self._adamw_update(gradient, variable, learning_rate)
 
     def _adamw_update(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = self.variable_index(variable)
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype) * self._scales[index]
         g = ops.cast(gradient, dtype)
@@ -670,8 +444,8 @@ class LayerDecayAdamW(AccumulatesGradients, keras.optimizers.Optimizer):
         step = ops.cast(self.iterations + 1, dtype)
         correction_1 = 1.0 - ops.power(ops.cast(self.beta_1, dtype), step)
         correction_2 = 1.0 - ops.power(ops.cast(self.beta_2, dtype), step)
-        m = self._momentums[index]
-        v = self._velocities[index]
+        m = self.momentums[index]
+        v = self.velocities[index]
         self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * g)
         self.assign(v, self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g))
         denom = ops.sqrt(v / correction_2) + self.epsilon

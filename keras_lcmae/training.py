@@ -19,6 +19,8 @@ import sys
 import keras
 import numpy as np
 
+from keras_lcmae.backend.keras_internals import SaveHook
+
 
 class BatchPlan:
     """The split of an effective ``batch_size`` over ``replicas`` devices and
@@ -77,7 +79,7 @@ def fit_verbosity(stream=None):
         return 2
 
 
-class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+class BestCheckpoint(SaveHook, keras.callbacks.ModelCheckpoint):
     """``keras.callbacks.ModelCheckpoint(save_best_only=True)`` whose best
     value outlives the process: it is written next to the checkpoint
     (``<filepath>.best.json``: monitored value and epoch) each time the model
@@ -121,10 +123,8 @@ class BestCheckpoint(keras.callbacks.ModelCheckpoint):
         if record.get("monitor") == self.monitor and os.path.exists(self.filepath) and np.isfinite(value):
             self.best = value
 
-    def _save_model(self, epoch, batch, logs):
-        before = self.best
-        super()._save_model(epoch, batch, logs)
-        if self.best is not None and self.best != before and np.isfinite(self.best):
+    def after_save(self, epoch, best_before):
+        if self.best is not None and self.best != best_before and np.isfinite(self.best):
             tmp = f"{self.record_path}.tmp"
             with open(tmp, "w") as f:
                 json.dump({"monitor": self.monitor, "value": float(self.best), "epoch": int(epoch) + 1}, f)

@@ -273,7 +273,9 @@ def test_pretrain_adamw_matches_numpy_and_keras(rng, path, monkeypatch):
     if path == "foreach":
         if keras.backend.backend() != "torch":
             pytest.skip("the foreach path is PyTorch's")
-        monkeypatch.setattr(AdamW, "_torch_fused", lambda self, variables: False)
+        from keras_lcmae.backend import torch_optim
+
+        monkeypatch.setattr(torch_optim, "fused_adamw_usable", lambda variables: False)
     model = ViTEncoder(image_size=16, patch_size=8, hidden_dim=8, depth=1, num_heads=2)
     model(np.zeros((1, 16, 16, 3), "float32"))
     variables = model.trainable_variables

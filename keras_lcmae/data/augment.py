@@ -1,7 +1,7 @@
 """Per-image augmentation and normalisation (RandomResizedCrop, flip,
 resize and centre crop) and batch-level Mixup / CutMix, in TensorFlow."""
 
-from keras_lcmae.data._lazy import _tf
+from keras_lcmae.backend import tf as _tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,7 +1,7 @@
 """The batched ``tf.data`` pipelines of the recipes: shuffle, augment
 (seeded per element), batch, prefetch."""
 
-from keras_lcmae.data._lazy import _tf
+from keras_lcmae.backend import tf as _tf
 from keras_lcmae.data.augment import eval_transform, pretrain_transform
 
 

@@ -3,7 +3,7 @@ disk, and numpy arrays."""
 
 import numpy as np
 
-from keras_lcmae.data._lazy import _tf
+from keras_lcmae.backend import tf as _tf
 from keras_lcmae.errors import ArgumentError
 
 

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from keras_lcmae.data._lazy import _tf
+from keras_lcmae.backend import tf as _tf
 from keras_lcmae.data.skipped import SkipCounter
 from keras_lcmae.errors import ArgumentError
 
