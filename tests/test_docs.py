@@ -242,7 +242,7 @@ def test_readme_python_runs_at_tiny_size(tmp_path, monkeypatch):
     for body in blocks:
         for pattern, new in swaps:
             body = re.sub(pattern, new, body)
-        exec(compile(body, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(body, "README.md", "exec"), namespace)
     assert os.path.exists(tmp_path / "encoder.keras")
     assert namespace["model"].count_params() > 0
 

@@ -58,10 +58,10 @@ def test_the_readme_command_line_is_read_as_before():
     """Space-separated values, ``--`` before pytest's own arguments; each
     call starts from the defaults."""
     flags = run_tests.FLAGS
-    assert run_tests.cli.parse(flags, ["run_tests.py", "--backends", "jax", "--workers", "1", "--", "-k", "masking"],
-                               "") == ["-k", "masking"]
+    assert run_tests.cli.parse(flags, ["--backends", "jax", "--workers", "1", "--", "-k", "masking"], "") == [
+        "-k", "masking"]
     assert (flags.backends, flags.workers) == ("jax", 1)
-    assert run_tests.cli.parse(flags, ["run_tests.py"], "") == []
+    assert run_tests.cli.parse(flags, [], "") == []
     assert run_tests.parse_backends(flags.backends) == ["tensorflow", "jax", "torch"]
     assert flags.workers == run_tests.default_workers()
 

@@ -79,7 +79,7 @@ def run_setting(setting, images, steps, batch_size, lr, seed, projector_dim=64):
 
 
 def main(argv=None):
-    cli.parse(FLAGS, sys.argv if argv is None else argv, __doc__)
+    cli.parse(FLAGS, argv, __doc__)
     from keras_lcmae.data import fashion_mnist_for_vit
 
     images, _ = fashion_mnist_for_vit("train", image_size=32, channels=1, limit=FLAGS.images)

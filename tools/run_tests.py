@@ -109,7 +109,7 @@ def run(backend, extra, workers):
 
 def main(argv=None):
     """``python tools/run_tests.py [--backends B,..] [--workers N] [-- PYTEST_ARGS]``."""
-    pytest_args = cli.parse(FLAGS, sys.argv if argv is None else argv, __doc__)
+    pytest_args = cli.parse(FLAGS, argv, __doc__)
     backends = parse_backends(FLAGS.backends)
     workers = FLAGS.workers
     if workers > 1 and not have_xdist():
