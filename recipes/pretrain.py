@@ -79,8 +79,8 @@ for old, new in (("channels", "num_channels"), ("decoder_width", "decoder_hidden
 flags.register_validator("setting", lambda v: v is None or v.strip().strip("()").lower() in SETTINGS,
                          "must be one of the LC-MAE settings a-g (Table 1 of the paper)")
 # --w_*: the weight of one loss term, replacing that of the --loss_weights row (read by loss_weights_from_flags)
-for term in ("mae", "cross", "in"):
-    flags.DEFINE_float(f"w_{term}", None, f"Deprecated: use --loss_weights=w_mae,w_cross,w_in. The L_{term} weight, "
+for term, loss in (("mae", "L_MAE"), ("cross", "L_cross"), ("in", "L_in")):
+    flags.DEFINE_float(f"w_{term}", None, f"Deprecated: use --loss_weights=w_mae,w_cross,w_in. The {loss} weight, "
                        "replacing the one of the --loss_weights row.", lower_bound=0)
     common.define_alias(f"w_{term}", "loss_weights", copy=False)
 common.check_numbers()

@@ -444,7 +444,7 @@ FLAGS = {name: subcommand_flags(name) for name in SUBCOMMANDS}
 
 def usage():
     """``--help``: the docstring, then each subcommand's flags."""
-    parts = [__doc__.strip(), "usage: python tools/analyze.py SUBCOMMAND --checkpoint=PATH [flags]"]
+    parts = [__doc__.strip(), "usage: python tools/analyze.py SUBCOMMAND --checkpoint=PATH [flags] (SUBCOMMAND --help: its flags)"]
     for name, (what, _) in SUBCOMMANDS.items():
         parts.append(f"{name}: {what}\n{FLAGS[name].get_help(include_special_flags=False)}")
     return "\n\n".join(parts) + "\n"

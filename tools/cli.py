@@ -53,7 +53,8 @@ def fail(message):
 
 def usage(flag_values, doc, program):
     """The ``--help`` text: the tool's docstring, then its flags."""
-    return f"{doc.strip()}\n\nflags of {program}:\n{flag_values.get_help(include_special_flags=False)}\n"
+    return (f"{doc.strip()}\n\nflags of {program} (--name=value or --name value; --help: this text):\n"
+            f"{flag_values.get_help(include_special_flags=False)}\n")
 
 
 def parse(flag_values, args, doc):
