@@ -119,14 +119,24 @@ def define_alias(old, new, copy=True):
     """Defines ``--old``, the former name of ``--new``, kept for one release
     (same type and range, no default). Before ``main`` runs (:func:`run`), a
     given ``--old`` prints ``WARNING: --old is deprecated; use --new`` to
-    stderr and its value moves to ``--new``; both given with different
-    values is a one-line flag error. ``copy=False`` is for an old flag the
-    recipe defines and reads itself because its meaning does not map one to
-    one onto ``--new``: then it is only warned about."""
+    stderr and its value moves to ``--new``. Given both with different
+    values, the command line overrides a flagfile, as for any flag; both on
+    the command line (or both in flagfiles) is a one-line flag error.
+    ``copy=False`` is for an old flag the recipe defines and reads itself
+    because its meaning does not map one to one onto ``--new``: then it is
+    only warned about."""
     if copy:
         flag = FLAGS[new]
         flags.DEFINE(flag.parser, old, None, f"Deprecated: use --{new}.", serializer=flag.serializer)
     _ALIASES[old] = (new, copy)
+
+
+def on_command_line(name):
+    """Whether ``--name`` was given on the command line itself (not only in a
+    ``--flagfile``)."""
+    args = sys.argv[1:]
+    args = args[:args.index("--")] if "--" in args else args
+    return any(a.lstrip("-") == name or a.lstrip("-").startswith(name + "=") for a in args if a.startswith("-"))
 
 
 def resolve_aliases():
@@ -140,10 +150,14 @@ def resolve_aliases():
             continue
         value = FLAGS[old].value
         if FLAGS[new].present and FLAGS[new].value != value:
-            raise app.UsageError(
-                f"{FLAGS[old].serialize()} and {FLAGS[new].serialize()} disagree: --{old} is the old name of "
-                f"--{new}; give --{new} only."
-            )
+            old_direct, new_direct = on_command_line(old), on_command_line(new)
+            if old_direct == new_direct:
+                raise app.UsageError(
+                    f"{FLAGS[old].serialize()} and {FLAGS[new].serialize()} disagree: --{old} is the old name of "
+                    f"--{new}; give --{new} only."
+                )
+            if new_direct:  # the command line's --new overrides a flagfile's --old
+                value = FLAGS[new].value
         FLAGS[new].value = value
         FLAGS[old].value = None  # flags.txt and the HParams table then name the flag once, by its new name
 

@@ -147,6 +147,17 @@ def test_new_flag_names_set_the_constructor_arguments_and_old_names_still_work_w
     assert "--setting" not in old_written and "--loss_weights=a" in old_written
 
 
+def test_the_command_line_overrides_a_flagfile_under_either_name(tmp_path):
+    flagfile = tmp_path / "base.flags"
+    flagfile.write_text("--decoder_hidden_dim=40\n--decoder_heads=5\n")
+    config, _, warnings = _dry_run_config(
+        "pretrain.py", TINY_PRETRAIN + [f"--flagfile={flagfile}", "--decoder_width=24", "--decoder_num_heads=3"],
+        tmp_path / "run")
+    assert (config["decoder"]["config"]["hidden_dim"], config["decoder"]["config"]["num_heads"]) == (24, 3)
+    assert warnings == ["WARNING: --decoder_width is deprecated; use --decoder_hidden_dim",
+                        "WARNING: --decoder_heads is deprecated; use --decoder_num_heads"]
+
+
 def test_loss_weights_takes_a_setting_letter(tmp_path):
     from keras_lcmae.models import resolve_loss_weights
 
