@@ -8,6 +8,7 @@ recipes, the labelled data and the encoder. Library code lives in
 one-line flag errors.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -109,19 +110,118 @@ def check_numbers():
 _FINITE = set()
 
 
+# Deprecated flag names: old name -> (the flag that replaces it, whether the
+# old value moves there). Filled by define_alias(); applied by run().
+_ALIASES = {}
+
+
+def define_alias(old, new, copy=True):
+    """Defines ``--old``, the former name of ``--new``, kept for one release
+    (same type and range, no default). Before ``main`` runs (:func:`run`), a
+    given ``--old`` prints ``WARNING: --old is deprecated; use --new`` to
+    stderr and its value moves to ``--new``. Given both with different
+    values, the command line overrides a flagfile, as for any flag; both on
+    the command line (or both in flagfiles) is a one-line flag error.
+    ``copy=False`` is for an old flag the recipe defines and reads itself
+    because its meaning does not map one to one onto ``--new``: then it is
+    only warned about."""
+    if copy:
+        flag = FLAGS[new]
+        flags.DEFINE(flag.parser, old, None, f"Deprecated: use --{new}.", serializer=flag.serializer)
+    _ALIASES[old] = (new, copy)
+
+
+def on_command_line(name):
+    """Whether ``--name`` was given on the command line itself (not only in a
+    ``--flagfile``)."""
+    args = sys.argv[1:]
+    args = args[:args.index("--")] if "--" in args else args
+    return any(a.lstrip("-") == name or a.lstrip("-").startswith(name + "=") for a in args if a.startswith("-"))
+
+
+def resolve_aliases():
+    """Applies the deprecated flag names the command line or a flagfile used
+    (see :func:`define_alias`)."""
+    for old, (new, copy) in _ALIASES.items():
+        if not FLAGS[old].present:
+            continue
+        print(f"WARNING: --{old} is deprecated; use --{new}", file=sys.stderr, flush=True)
+        if not copy:
+            continue
+        value = FLAGS[old].value
+        if FLAGS[new].present and FLAGS[new].value != value:
+            old_direct, new_direct = on_command_line(old), on_command_line(new)
+            if old_direct == new_direct:
+                raise app.UsageError(
+                    f"{FLAGS[old].serialize()} and {FLAGS[new].serialize()} disagree: --{old} is the old name of "
+                    f"--{new}; give --{new} only."
+                )
+            if new_direct:  # the command line's --new overrides a flagfile's --old
+                value = FLAGS[new].value
+        FLAGS[new].value = value
+        FLAGS[old].value = None  # flags.txt and the HParams table then name the flag once, by its new name
+
+
+# The recipe flag of a library argument (`keras_lcmae.errors.ArgumentError.argument`)
+# whose name differs from it; any other argument is the flag of the same name
+# (`val_data` -> --val_data). A call site whose argument comes from another
+# flag says so with `arguments_from`.
+ARGUMENT_FLAGS = {
+    "root": "data",  # data.image_folder_dataset(root)
+    "name": "data",  # data.tfds_dataset(name)
+    "pattern_or_files": "data",  # data.tfrecord_dataset / data.count_tfrecords
+    "path": "encoder",  # keras_lcmae.load_encoder(path)
+    "checkpoint": "encoder",
+}
+
+
+@contextlib.contextmanager
+def arguments_from(**flag_of):
+    """Inside the block, a library ``ArgumentError`` about one of the given
+    arguments names the given flag, e.g. ``arguments_from(pattern_or_files="val_data")``
+    around the validation records' reader, where :data:`ARGUMENT_FLAGS` would
+    say ``--data``."""
+    from keras_lcmae.errors import ArgumentError
+
+    try:
+        yield
+    except ArgumentError as e:
+        if e.argument in flag_of and not hasattr(e, "flag"):
+            e.flag = flag_of[e.argument]
+        raise
+
+
+def argument_error_line(error):
+    """``flag --<flag>: <detail>`` for a library ``ArgumentError``: the flag
+    set by :func:`arguments_from`, else :data:`ARGUMENT_FLAGS`' or the
+    argument's own name."""
+    flag = getattr(error, "flag", None) or ARGUMENT_FLAGS.get(error.argument, error.argument)
+    return f"flag --{flag}: {error.detail}"
+
+
 def run(main):
-    """``absl.app.run(main)``, with a ``UsageError`` raised by ``main`` (a
-    flag value the checks after parsing refuse: a missing file, flags that
-    do not fit together) printed as one line naming the flag, instead of
-    absl's whole usage text above it; exit status 1, as absl's own parse
-    errors."""
+    """``absl.app.run(main)`` with the deprecated flag names the command line
+    used applied first (:func:`resolve_aliases`), and a flag error raised by
+    ``main`` printed as one line ``FATAL Flags error: ...`` (exit status 1,
+    as absl's own parse errors) instead of absl's usage text or a traceback:
+    a ``UsageError`` (a value the checks after parsing refuse: a missing
+    file, flags that do not fit together) as it is, a library
+    ``keras_lcmae.errors.ArgumentError`` as :func:`argument_error_line`."""
 
     def checked(argv):
         try:
+            resolve_aliases()
             return main(argv)
         except app.UsageError as e:
-            print(f"FATAL Flags error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
+            message = str(e)
+        except ValueError as e:
+            from keras_lcmae.errors import ArgumentError
+
+            if not isinstance(e, ArgumentError):
+                raise
+            message = argument_error_line(e)
+        print(f"FATAL Flags error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
     app.run(checked)
 
@@ -157,13 +257,15 @@ def define_eval_flags(defaults):
                          lower_bound=1)
     flags.DEFINE_integer("patch_size", d["patch_size"], lower_bound=1, help="Patch side for --encoder=random (default: the --model "
                          "preset's: 14 for vit_huge, else 16).")
-    flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
+    flags.DEFINE_integer("num_channels", None, "Image channels (default: 1 for fashion_mnist, else 3).",
+                         lower_bound=1)
     flags.DEFINE_integer("num_classes", None, lower_bound=2, help="Classes of the head (default: read from the data; checked against "
                          "it; needed for TFRecords).")
     flags.DEFINE_enum("pool", d["pool"], ["cls", "avg"], "Features: the [CLS] token or the mean patch token.")
     flags.DEFINE_integer("train_limit", None, "Use only the first N training images (quick runs).", lower_bound=1)
     flags.DEFINE_integer("val_limit", None, "Evaluate on the first N validation images only (quick runs).",
                          lower_bound=1)
+    define_alias("channels", "num_channels")
     define_run_flags(d)
 
 
@@ -515,12 +617,16 @@ def validate_eval_flags():
 
 def _tfrecord_splits(channels):
     from keras_lcmae import data
+    from keras_lcmae.errors import ArgumentError
 
     if FLAGS.num_classes is None:
         raise ValueError("--num_classes is needed with TFRecord --data (the records do not say how many classes).")
     train = data.tfrecord_dataset(FLAGS.data, channels=channels, need_labels=True)
     try:
-        val = data.tfrecord_dataset(FLAGS.val_data, channels=channels, need_labels=True)
+        with arguments_from(pattern_or_files="val_data"):
+            val = data.tfrecord_dataset(FLAGS.val_data, channels=channels, need_labels=True)
+    except ArgumentError:
+        raise
     except ValueError as e:
         raise ValueError(f"--val_data={FLAGS.val_data}: {e}") from None
     n_train = FLAGS.train_limit if FLAGS.train_limit else (
@@ -534,10 +640,13 @@ def _tfrecord_splits(channels):
 
 def labelled_data():
     """``(train_source, val_source, num_classes, n_train, channels, mean, std,
-    crop_pct)``; sources yield ``(uint8 image, int label)``."""
+    crop_pct)``; sources yield ``(uint8 image, int label)``. A library
+    ``ArgumentError`` goes to :func:`run` (it names its argument); any other
+    failure to read the data is a ``UsageError`` naming ``--data``."""
     from keras_lcmae import data
+    from keras_lcmae.errors import ArgumentError
 
-    channels = FLAGS.channels
+    channels = FLAGS.num_channels
     try:
         if FLAGS.data == "fashion_mnist":
             channels = channels or 1
@@ -592,6 +701,8 @@ def labelled_data():
                 val = val.take(FLAGS.val_limit)
             mean, std = _image_stats(channels)
             crop_pct = 0.875
+    except ArgumentError:
+        raise
     except (ValueError, OSError) as e:
         raise app.UsageError(flag_message("--data", FLAGS.data, e)) from None
     if num_classes is None or num_classes < 2:
@@ -619,12 +730,17 @@ def flag_message(flag, value, error):
 def load_encoder_or_fail(path, flag, **kwargs):
     """:func:`keras_lcmae.load_encoder` with any failure (a missing or
     corrupt file, one Keras' safe mode refuses, another geometry) as a
-    one-line ``UsageError`` naming ``flag``."""
+    one-line ``UsageError`` naming ``flag`` (a library ``ArgumentError``
+    about the path names ``flag`` too, through :func:`run`)."""
     from keras_lcmae import load_encoder
+    from keras_lcmae.errors import ArgumentError
 
     try:
-        return load_encoder(path, **kwargs)
-    except Exception as e:  # noqa: BLE001 - Keras' loader raises many kinds, none of them meant for a user
+        with arguments_from(path=flag.lstrip("-"), checkpoint=flag.lstrip("-")):
+            return load_encoder(path, **kwargs)
+    except ArgumentError:
+        raise
+    except Exception as e:  # Keras' loader raises many kinds, none of them meant for a user
         reason = f"{type(e).__name__}: {e}"
         raise app.UsageError(flag_message(flag, path, f"cannot load an encoder from it: {reason}")) from None
 
@@ -633,6 +749,7 @@ def build_encoder(channels, drop_path_rate=None):
     """The encoder of ``--encoder`` (checked against the data's geometry) or a
     fresh one of ``--model`` for ``--encoder=random``."""
     from keras_lcmae import ViTEncoder
+    from keras_lcmae.errors import ArgumentError
 
     if FLAGS.encoder == "random" and FLAGS.architecture_of:
         template = load_encoder_or_fail(FLAGS.architecture_of, "--architecture_of", image_size=FLAGS.image_size,
@@ -641,11 +758,14 @@ def build_encoder(channels, drop_path_rate=None):
         return ViTEncoder.from_config(dict(template.get_config(), drop_path_rate=drop_path_rate or 0.0, trainable=True))
     if FLAGS.encoder == "random":
         try:
-            return ViTEncoder.from_preset(
-                FLAGS.model, image_size=FLAGS.image_size, patch_size=FLAGS.patch_size, num_channels=channels,
-                hidden_dim=FLAGS.hidden_dim, depth=FLAGS.depth, num_heads=FLAGS.num_heads,
-                drop_path_rate=drop_path_rate or 0.0,
-            )
+            with arguments_from(name="model"):
+                return ViTEncoder.from_preset(
+                    FLAGS.model, image_size=FLAGS.image_size, patch_size=FLAGS.patch_size, num_channels=channels,
+                    hidden_dim=FLAGS.hidden_dim, depth=FLAGS.depth, num_heads=FLAGS.num_heads,
+                    drop_path_rate=drop_path_rate or 0.0,
+                )
+        except ArgumentError:
+            raise
         except ValueError as e:
             raise app.UsageError(flag_message("--model", FLAGS.model, e)) from None
     return load_encoder_or_fail(FLAGS.encoder, "--encoder", image_size=FLAGS.image_size, num_channels=channels,

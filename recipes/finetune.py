@@ -21,25 +21,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-from recipes import common  # noqa: E402
+from recipes import common
 
 FLAGS = flags.FLAGS
 common.define_eval_flags(dict(batch_size=1024, epochs=100, blr=5e-4, warmup_epochs=5, weight_decay=0.05,
                               pool="avg", output_dir="runs/finetune"))
 flags.DEFINE_float("layer_decay", 0.65, "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).",
                    lower_bound=0, upper_bound=1)
-flags.DEFINE_float("drop_path", 0.1, "Stochastic depth rate of the last block.", lower_bound=0, upper_bound=1)
+flags.DEFINE_float("drop_path_rate", 0.1, "Stochastic depth rate of the last block.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("smoothing", 0.1, "Label smoothing.", lower_bound=0, upper_bound=1)
-flags.DEFINE_float("mixup", 0.8, "Mixup alpha (0: off).", lower_bound=0)
-flags.DEFINE_float("cutmix", 1.0, "CutMix alpha (0: off).", lower_bound=0)
+flags.DEFINE_float("mixup_alpha", 0.8, "Mixup alpha (0: off).", lower_bound=0)
+flags.DEFINE_float("cutmix_alpha", 1.0, "CutMix alpha (0: off).", lower_bound=0)
 flags.DEFINE_float("reprob", 0.25, "Random erasing probability.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).",
                    lower_bound=0, upper_bound=1)
 flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).", lower_bound=0)
 flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).", lower_bound=0)
+# The names of a former release, kept for one more: each warns and sets the flag that replaces it.
+for old, new in (("drop_path", "drop_path_rate"), ("mixup", "mixup_alpha"), ("cutmix", "cutmix_alpha")):
+    common.define_alias(old, new)
 common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
@@ -81,7 +84,7 @@ def train_dataset(source, num_classes, mean, std, batch_size):
     def mix(batch, index):
         images, labels = batch
         seed = tf.stack([tf.cast(FLAGS.seed + 1, tf.int64), index])
-        return data.mixup_cutmix(images, labels, num_classes, FLAGS.mixup, FLAGS.cutmix, smoothing=FLAGS.smoothing,
+        return data.mixup_cutmix(images, labels, num_classes, FLAGS.mixup_alpha, FLAGS.cutmix_alpha, smoothing=FLAGS.smoothing,
                                  seed=seed)
 
     return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
@@ -103,7 +106,7 @@ def main(argv):
     steps, schedule, derived = common.lr_schedule(run, n_train)
     derived.update(num_classes=num_classes, encoder=FLAGS.encoder)
     with run.scope():
-        encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path)
+        encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path_rate)
         model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool)
         model.compile(
             optimizer=finetune_adamw(model, schedule, FLAGS.weight_decay, FLAGS.layer_decay,

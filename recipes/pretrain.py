@@ -3,7 +3,7 @@ r"""MAE / LC-MAE pretraining: flags -> builders -> ``model.fit``.
 
     python recipes/pretrain.py --flagfile=recipes/configs/demo_cpu.flags
     python recipes/pretrain.py --data=/data/imagenet/train --model=vit_base --method=lcmae \
-        --setting=a --batch_size=1024 --epochs=100 --output_dir=runs/lcmae
+        --loss_weights=a --batch_size=1024 --epochs=100 --output_dir=runs/lcmae
 
 Every flag equals a constructor argument or a recipe knob. The run folder gets
 ``flags.txt`` (resolved flags), ``model_config.json``, TensorBoard logs in
@@ -20,10 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-from recipes import common  # noqa: E402
+from recipes import common
 
 FLAGS = flags.FLAGS
 SETTINGS = tuple("abcdefg")  # the keys of keras_lcmae.models.SETTINGS (parsing the flags imports no Keras)
@@ -31,7 +31,7 @@ flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an i
 flags.DEFINE_integer("image_size", 224, "Input side in pixels.", lower_bound=1)
 flags.DEFINE_integer("patch_size", None, lower_bound=1, help="Patch side in pixels (default: the --model preset's: 14 for vit_huge, "
                      "as official MAE's ViT-H/14, else 16).")
-flags.DEFINE_integer("channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
+flags.DEFINE_integer("num_channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
 flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge.")
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
 flags.DEFINE_integer("depth", None, "Override the preset's depth.", lower_bound=1)
@@ -42,19 +42,19 @@ flags.DEFINE_integer("block_size", None, lower_bound=1, help="--method=ae: side 
                      "(default: --patch_size; k >= patch_size, k - patch_size even).")
 flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.", lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("norm_pix_loss", True, "Reconstruct per-patch normalised pixels.")
-flags.DEFINE_string("setting", "a", "LC-MAE loss setting a-g (Table 1).")
-flags.register_validator("setting", lambda v: v.strip().strip("()").lower() in SETTINGS,
-                         "must be one of the LC-MAE settings a-g (Table 1 of the paper)")
-flags.DEFINE_float("w_mae", None, "Explicit L_MAE weight (overrides --setting).", lower_bound=0)
-flags.DEFINE_float("w_cross", None, "Explicit L_cross weight (overrides --setting).", lower_bound=0)
-flags.DEFINE_float("w_in", None, "Explicit L_in weight (overrides --setting).", lower_bound=0)
+flags.DEFINE_string("loss_weights", "a", "LC-MAE's loss_weights: a setting a-g of Table 1 of the paper, or three "
+                    "comma-separated non-negative numbers w_mae,w_cross,w_in (not all zero).")
+flags.register_validator("loss_weights", lambda v: parse_loss_weights(v) is not None,
+                         "must be one of the LC-MAE settings a-g (Table 1 of the paper) or three comma-separated "
+                         "non-negative numbers w_mae,w_cross,w_in, not all zero")
 flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).", lower_bound=1)
-flags.DEFINE_integer("decoder_width", 512, "Decoder width.", lower_bound=1)
-flags.DEFINE_integer("decoder_heads", 16, "Decoder heads.", lower_bound=1)
+flags.DEFINE_integer("decoder_hidden_dim", 512, "Decoder width.", lower_bound=1)
+flags.DEFINE_integer("decoder_num_heads", 16, "Decoder heads.", lower_bound=1)
 flags.DEFINE_enum("decoder", "transformer", ["transformer", "gaussian", "conv"],
                   "Decoder (LC-MAE paper Table 2): transformer, gaussian weighted average + MLP, or one conv layer.")
-flags.DEFINE_integer("decoder_kernel", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).", lower_bound=1)
-flags.DEFINE_float("gaussian_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).", lower_bound=0)
+flags.DEFINE_integer("decoder_kernel_size", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).",
+                     lower_bound=1)
+flags.DEFINE_float("decoder_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).", lower_bound=0)
 flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.", lower_bound=1)
 flags.DEFINE_enum("projector_input", "pred", ["pred", "hidden"], "What the projector reads.")
 flags.DEFINE_enum("masking", "random", ["random", "self_guided"],
@@ -71,21 +71,53 @@ flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitor
 flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.", lower_bound=1)
 flags.DEFINE_integer("online_probe_every", 1, lower_bound=0, help="Steps between online linear-probe steps (0: no online probe; "
                      "fashion_mnist with --monitor_every only).")
+# The names of a former release, kept for one more: each warns and sets the flag that replaces it.
+for old, new in (("channels", "num_channels"), ("decoder_width", "decoder_hidden_dim"),
+                 ("decoder_heads", "decoder_num_heads"), ("decoder_kernel", "decoder_kernel_size"),
+                 ("gaussian_sigma", "decoder_sigma"), ("setting", "loss_weights")):
+    common.define_alias(old, new)
+flags.register_validator("setting", lambda v: v is None or v.strip().strip("()").lower() in SETTINGS,
+                         "must be one of the LC-MAE settings a-g (Table 1 of the paper)")
+# --w_*: the weight of one loss term, replacing that of the --loss_weights row (read by loss_weights_from_flags)
+for term, loss in (("mae", "L_MAE"), ("cross", "L_cross"), ("in", "L_in")):
+    flags.DEFINE_float(f"w_{term}", None, f"Deprecated: use --loss_weights=w_mae,w_cross,w_in. The {loss} weight, "
+                       "replacing the one of the --loss_weights row.", lower_bound=0)
+    common.define_alias(f"w_{term}", "loss_weights", copy=False)
 common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
 
 
+def parse_loss_weights(value):
+    """``--loss_weights`` as LCMAE takes it: a setting letter (``"a"``,
+    ``"(b)"``) as given, or ``{"mae", "cross", "in"}`` from three
+    comma-separated numbers; None for a value that is neither (or weights
+    that are negative, not finite or all zero)."""
+    import math
+
+    if value.strip().strip("()").lower() in SETTINGS:
+        return value
+    parts = value.split(",")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        return None
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        return None
+    return dict(zip(("mae", "cross", "in"), weights))
+
+
 def loss_weights_from_flags():
-    """LCMAE's ``loss_weights``: the ``--setting`` letter, or with any of
-    ``--w_mae`` / ``--w_cross`` / ``--w_in`` given, the setting's weights
-    with those replaced."""
+    """LCMAE's ``loss_weights``: ``--loss_weights`` (a setting letter or three
+    numbers), with the weights of any deprecated ``--w_mae`` / ``--w_cross`` /
+    ``--w_in`` given replacing those of the row."""
+    weights = parse_loss_weights(FLAGS.loss_weights)
     explicit = (FLAGS.w_mae, FLAGS.w_cross, FLAGS.w_in)
     if all(w is None for w in explicit):
-        return FLAGS.setting
+        return weights
     from keras_lcmae.models import resolve_loss_weights
 
-    base = resolve_loss_weights(FLAGS.setting)
+    base = resolve_loss_weights(weights)
     return {k: (base[k] if w is None else w) for k, w in zip(("mae", "cross", "in"), explicit)}
 
 
@@ -93,7 +125,7 @@ def build_dataset(batch_size):
     """Returns ``(dataset, num_images, channels, mean, std, skipped)``."""
     from keras_lcmae import data
 
-    channels = FLAGS.channels
+    channels = FLAGS.num_channels
     skipped = None
     if FLAGS.data == "fashion_mnist":
         channels = channels or 1
@@ -120,16 +152,17 @@ def build_dataset(batch_size):
 
 
 def build_decoder_from_flags():
-    """The ``--decoder`` of width ``--decoder_width`` (depth and heads apply to
-    the transformer, ``--decoder_kernel`` to conv, ``--gaussian_sigma`` to gaussian)."""
+    """The ``--decoder`` of width ``--decoder_hidden_dim`` (depth and heads
+    apply to the transformer, ``--decoder_kernel_size`` to conv,
+    ``--decoder_sigma`` to gaussian)."""
     from keras_lcmae.decoders import build_decoder
 
     kwargs = {
-        "transformer": dict(depth=FLAGS.decoder_depth, num_heads=FLAGS.decoder_heads),
-        "gaussian": dict(sigma=FLAGS.gaussian_sigma),
-        "conv": dict(kernel_size=FLAGS.decoder_kernel),
+        "transformer": dict(depth=FLAGS.decoder_depth, num_heads=FLAGS.decoder_num_heads),
+        "gaussian": dict(sigma=FLAGS.decoder_sigma),
+        "conv": dict(kernel_size=FLAGS.decoder_kernel_size),
     }[FLAGS.decoder]
-    return build_decoder(FLAGS.decoder, hidden_dim=FLAGS.decoder_width, **kwargs)
+    return build_decoder(FLAGS.decoder, hidden_dim=FLAGS.decoder_hidden_dim, **kwargs)
 
 
 def build_model(channels):
@@ -227,13 +260,17 @@ def validate_masking_flags():
 
 
 def validate_decoder_flags():
-    """--decoder / --decoder_kernel / --gaussian_sigma and --method=ae's --block_size."""
-    if FLAGS.decoder == "conv" and (FLAGS.decoder_kernel < 1 or FLAGS.decoder_kernel % 2 == 0):
-        raise app.UsageError(f"--decoder_kernel must be a positive odd number (paper: 5), got {FLAGS.decoder_kernel}.")
-    if FLAGS.decoder == "gaussian" and not FLAGS.gaussian_sigma > 0:
-        raise app.UsageError(f"--gaussian_sigma must be > 0 (in patches; paper: 1.0), got {FLAGS.gaussian_sigma}.")
-    if FLAGS.decoder != "transformer" and FLAGS.decoder_width % 4:
-        raise app.UsageError(f"--decoder_width must be a multiple of 4 (sin-cos table), got {FLAGS.decoder_width}.")
+    """--decoder / --decoder_kernel_size / --decoder_sigma and --method=ae's --block_size."""
+    if FLAGS.decoder == "conv" and (FLAGS.decoder_kernel_size < 1 or FLAGS.decoder_kernel_size % 2 == 0):
+        raise app.UsageError(
+            f"--decoder_kernel_size must be a positive odd number (paper: 5), got {FLAGS.decoder_kernel_size}."
+        )
+    if FLAGS.decoder == "gaussian" and not FLAGS.decoder_sigma > 0:
+        raise app.UsageError(f"--decoder_sigma must be > 0 (in patches; paper: 1.0), got {FLAGS.decoder_sigma}.")
+    if FLAGS.decoder != "transformer" and FLAGS.decoder_hidden_dim % 4:
+        raise app.UsageError(
+            f"--decoder_hidden_dim must be a multiple of 4 (sin-cos table), got {FLAGS.decoder_hidden_dim}."
+        )
     if FLAGS.block_size is not None:
         k, p = FLAGS.block_size, FLAGS.patch_size
         if FLAGS.method != "ae":
@@ -274,7 +311,7 @@ def validate_flags():
         try:
             resolve_loss_weights(loss_weights_from_flags())
         except ValueError as e:
-            raise app.UsageError(f"--setting/--w_mae/--w_cross/--w_in: {e}") from None
+            raise app.UsageError(f"--loss_weights/--w_mae/--w_cross/--w_in: {e}") from None
     common.validate_run_flags()
     validate_masking_flags()
     if FLAGS.online_probe_every < 0:
@@ -293,9 +330,12 @@ def main(argv):
 
     from keras_lcmae import optim
     from keras_lcmae.callbacks import last_good_checkpoint, pretrain_callbacks
+    from keras_lcmae.errors import ArgumentError
 
     try:
         ds, n, channels, mean, std, skipped = build_dataset(run.plan.global_micro_batch)
+    except ArgumentError:  # names its argument: common.run makes it a flag error
+        raise
     except (ValueError, OSError) as e:  # missing / empty / unreadable data
         raise app.UsageError(common.flag_message("--data", FLAGS.data, e)) from None
     steps, schedule, derived = common.lr_schedule(run, n)

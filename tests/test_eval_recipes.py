@@ -102,7 +102,7 @@ def test_bad_input_is_a_clear_error(script, case, encoder_file, unlabelled_folde
         flags += [f"--encoder={encoder_file}", "--num_classes=5"]
         expected = "--num_classes=5"
     elif case == "no_labels":
-        flags += [f"--encoder={encoder_file}", f"--data={unlabelled_folder}", "--channels=3"]
+        flags += [f"--encoder={encoder_file}", f"--data={unlabelled_folder}", "--num_channels=3"]
         expected = "labels are missing"
     else:
         flags += ["--encoder=/no/such/encoder.keras"]

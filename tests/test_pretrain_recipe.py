@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--method=lcmae",
-    "--decoder_depth=1", "--decoder_width=32", "--decoder_heads=2", "--projector_dim=64", "--batch_size=16",
+    "--decoder_depth=1", "--decoder_hidden_dim=32", "--decoder_num_heads=2", "--projector_dim=64", "--batch_size=16",
     "--epochs=2", "--steps_per_epoch=3", "--blr=1e-3", "--warmup_epochs=1",
 ]
 
@@ -63,11 +63,11 @@ def test_short_run_writes_everything(tmp_path):
         assert tag in tags, (tag, sorted(tags))
     # the HParams dashboard: the flags in the session start, the final figures as final/ scalars of that session
     hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
-    assert hparams["recipe"] == "pretrain" and hparams["method"] == "lcmae" and hparams["setting"] == "a"
+    assert hparams["recipe"] == "pretrain" and hparams["method"] == "lcmae" and hparams["loss_weights"] == "a"
     assert hparams["mask_ratio"] == 0.75 and hparams["decoder"] == "transformer" and hparams["model"] == "vit_test"
     assert hparams["batch_size"] == 16 and hparams["blr"] == 1e-3 and hparams["accum_steps"] == 1
     assert hparams["keep_freed_memory"] is True and hparams["output_dir"] == out
-    assert "w_mae" not in hparams and "verbosity" not in hparams  # unset flags and absl's own are left out
+    assert "w_mae" not in hparams and "setting" not in hparams and "verbosity" not in hparams  # unset flags and absl's own are left out
     for key in ("loss", "loss_cross", "knn_top1", "online_probe_top1", "epochs_run", "steps"):
         assert scalars[f"final/{key}"] == pytest.approx(final[key]), key
     import keras
@@ -84,7 +84,7 @@ def test_short_run_writes_everything(tmp_path):
         ("--image_size=30", "--image_size/--patch_size"),
         ("--mask_ratio=1.2", "--mask_ratio"),
         ("--model=vit_gigantic", "--model"),
-        ("--setting=z", "--setting"),
+        ("--loss_weights=z", "--loss_weights"),
         ("--data=/no/such/folder", "--data"),
         ("--data={empty}", "--data"),
         ("--strategy=data_parallel", "--strategy=data_parallel"),  # JAX only; this run is TensorFlow

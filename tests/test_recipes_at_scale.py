@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "recipes", "configs")
 EVAL = ["--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--train_limit=512", "--val_limit=256",
         "--warmup_epochs=1"]
-FINETUNE = [*EVAL, "--batch_size=32", "--blr=1e-3", "--randaug_magnitude=0", "--mixup=0", "--cutmix=0",
-            "--reprob=0", "--drop_path=0"]
+FINETUNE = [*EVAL, "--batch_size=32", "--blr=1e-3", "--randaug_magnitude=0", "--mixup_alpha=0", "--cutmix_alpha=0",
+            "--reprob=0", "--drop_path_rate=0"]
 PROBE = [*EVAL, "--batch_size=64", "--blr=20", "--nocache_features"]
 PRETRAIN = ["--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--method=mae",
-            "--decoder_depth=1", "--decoder_width=32", "--decoder_heads=2", "--batch_size=16", "--epochs=2",
+            "--decoder_depth=1", "--decoder_hidden_dim=32", "--decoder_num_heads=2", "--batch_size=16", "--epochs=2",
             "--steps_per_epoch=3", "--blr=1e-3", "--warmup_epochs=1", "--monitor_every=0"]
 
 
@@ -171,10 +171,10 @@ def test_hostile_inputs_fail_before_training_in_one_line(script, case, corrupt_f
                                                             f"--encoder={encoder_file}", "--epochs=1"]
     out = str(tmp_path / "out")
     if case == "corrupt_folder":
-        flags += [f"--data={corrupt_folders[0] if script == 'pretrain.py' else corrupt_folders[1]}", "--channels=1"]
+        flags += [f"--data={corrupt_folders[0] if script == 'pretrain.py' else corrupt_folders[1]}", "--num_channels=1"]
         expected = ["--data", "can be decoded"]
     elif case == "bad_tfrecord":
-        flags += [f"--data={bad_tfrecord}", "--channels=1"]
+        flags += [f"--data={bad_tfrecord}", "--num_channels=1"]
         if script != "pretrain.py":
             flags += [f"--val_data={bad_tfrecord}", "--num_classes=10"]
         expected = ["--data", "'img'"]
@@ -207,6 +207,7 @@ def test_finetune_reads_tfrecords_and_logs_steps(encoder_file, tmp_path):
     """TFRecord train/val globs as data, and --log_every=2 step scalars
     (loss, top1, lr) in TensorBoard at updates 2, 4, 6."""
     import tensorflow as tf
+
     from keras_lcmae.data import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test", limit=96)
@@ -220,7 +221,7 @@ def test_finetune_reads_tfrecords_and_logs_steps(encoder_file, tmp_path):
     out = str(tmp_path / "ft")
     flags = [f for f in FINETUNE if not f.startswith(("--data", "--train_limit", "--val_limit"))]
     result = run("finetune.py", *flags, f"--data={tmp_path}/train-*.tfrecord", f"--val_data={tmp_path}/val-*",
-                 "--num_classes=10", "--channels=1", f"--encoder={encoder_file}", "--batch_size=16", "--epochs=2",
+                 "--num_classes=10", "--num_channels=1", f"--encoder={encoder_file}", "--batch_size=16", "--epochs=2",
                  "--log_every=2", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json_lines(result.stdout)[0]["plan"]

@@ -42,14 +42,34 @@ def test_each_backend_gets_its_marker_and_the_workers(monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--workers", "0"], "--workers must be at least 1, got 0"),
-        (["--backends", "tf,jax"], "--backends takes a comma list of tensorflow, jax, torch; got 'tf,jax'"),
+        (["--workers", "0"], "FATAL Flags error: flag --workers=0: 0 is not a positive integer"),
+        (["--backends", "tf,jax"], "FATAL Flags error: flag --backends=tf,jax: takes a comma list of tensorflow, jax, torch"),
+        (["--backends="], "FATAL Flags error: flag --backends=: takes a comma list"),
+        (["--no_such_flag"], "FATAL Flags error: Unknown command line flag 'no_such_flag'"),
     ],
 )
 def test_bad_arguments_are_named(args, message):
     result = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert result.stderr.strip().startswith(message), result.stderr  # one line, no usage text
+
+
+def test_the_readme_command_line_is_read_as_before():
+    """Space-separated values, ``--`` before pytest's own arguments; each
+    call starts from the defaults."""
+    flags = run_tests.FLAGS
+    assert run_tests.cli.parse(flags, ["--backends", "jax", "--workers", "1", "--", "-k", "masking"], "") == [
+        "-k", "masking"]
+    assert (flags.backends, flags.workers) == ("jax", 1)
+    assert run_tests.cli.parse(flags, [], "") == []
+    assert run_tests.parse_backends(flags.backends) == ["tensorflow", "jax", "torch"]
+    assert flags.workers == run_tests.default_workers()
+
+
+def test_help_shows_the_flags():
+    result = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0
+    assert "--backends" in result.stdout and "--workers" in result.stdout and "-- -k masking" in result.stdout
 
 
 @pytest.mark.slow

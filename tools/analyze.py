@@ -18,16 +18,20 @@ Each subcommand writes ``<output_dir>/<name>.csv`` and ``<name>.png``:
 ``attention-distance`` (encoder part) and ``clusters`` (encoder layers) apply.
 """
 
-import argparse
 import csv
 import json
 import os
 import sys
+import types
+
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # tools/cli.py, importable once tools/ is on the path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import numpy as np  # noqa: E402
 
 DECODER_ONLY = ("attention-similarity", "semantic-similarity", "attention-maps", "reconstruction")
 
@@ -237,7 +241,7 @@ def load_reference(path):
         raise UsageError(f"--reference: no file at {path!r}.")
     try:
         return keras.saving.load_model(path, compile=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # Keras' loader raises many kinds, none of them meant for a user
         raise UsageError(f"--reference: cannot load {path!r} as a Keras model: {e}") from None
 
 
@@ -365,52 +369,119 @@ COMMANDS = {
 }
 
 
-def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True,
-                        help="MAE/LC-MAE .keras model (checkpoints/epoch_NNN.keras) or an encoder.keras.")
-    common.add_argument("--data", default="fashion_mnist", help="fashion_mnist (test split) or an image folder.")
-    common.add_argument("--num_images", type=int, default=32, help="Images analysed (seeded random choice).")
-    common.add_argument("--output_dir", default="runs/analysis", help="Where the CSV and PNG go.")
-    common.add_argument("--seed", type=int, default=0, help="Seed of the image choice and the masks.")
-    common.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
-    common.add_argument("--mask_ratio", type=float, default=None,
-                        help="Decoder analyses: mask ratio (default: the model's own).")
-    common.add_argument("--no_resize", action="store_true",
-                        help="Require images of the model's size instead of resizing + centre-cropping.")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("attention-distance", parents=[common], help="Fig. 5/6/A.1 attention distance.")
-    p.add_argument("--encoder_mask_ratio", type=float, default=0.0,
-                   help="0: encoder on all patches (default); r>0: on the visible tokens of a random mask.")
-    p = sub.add_parser("attention-similarity", parents=[common], help="Eq. 7 / Fig. 2.")
-    p.add_argument("--include_cls", action="store_true", help="Keep the [CLS] key column in A_i.")
-    p = sub.add_parser("semantic-similarity", parents=[common], help="Eq. 8 / Fig. 3.")
-    p.add_argument("--reference", required=True, help="A .keras model giving per-patch features (DINO's role).")
-    p.add_argument("--normalization", choices=("cosine", "minmax"), default="cosine",
-                   help="W: the cosine matrix itself, or min-max rescaled to [0, 1].")
-    p = sub.add_parser("attention-maps", parents=[common], help="Fig. 4/B.1 attention maps.")
-    p.add_argument("--rows", type=int, default=2, help="Images per query position.")
-    p.add_argument("--query", type=lambda s: [int(v) for v in s.split(",") if v],
-                   default=None, help="Comma-separated masked patch indices (default: near centre, near a corner).")
-    p = sub.add_parser("reconstruction", parents=[common], help="input | masked | reconstruction.")
-    p.add_argument("--rows", type=int, default=8, help="Images shown.")
-    p = sub.add_parser("clusters", parents=[common], help="sigma_F, sigma_s, gap + bipartition maps.")
-    p.add_argument("--rows", type=int, default=6, help="Images shown in the cluster maps.")
-    p.add_argument("--max_map_layers", type=int, default=8, help="At most this many layers in the maps figure.")
-    return parser
+def define_common_flags(fv):
+    """The flags every subcommand takes."""
+    flags.DEFINE_string("checkpoint", None, "MAE/LC-MAE .keras model (checkpoints/epoch_NNN.keras) or an "
+                        "encoder.keras.", flag_values=fv)
+    flags.mark_flag_as_required("checkpoint", flag_values=fv)
+    flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (test split) or an image folder.", flag_values=fv)
+    flags.DEFINE_integer("num_images", 32, "Images analysed (seeded random choice).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("output_dir", "runs/analysis", "Where the CSV and PNG go.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the image choice and the masks.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("mask_ratio", None, "Decoder analyses: mask ratio (default: the model's own).",
+                       flag_values=fv)
+    flags.DEFINE_bool("no_resize", False, "Require images of the model's size instead of resizing + "
+                      "centre-cropping.", flag_values=fv)
+
+
+def define_rows_flag(default, help_text):
+    return lambda fv: flags.DEFINE_integer("rows", default, help_text, lower_bound=1, flag_values=fv)
+
+
+def _attention_distance_flags(fv):
+    flags.DEFINE_float("encoder_mask_ratio", 0.0, "0: encoder on all patches (default); r>0: on the visible tokens "
+                       "of a random mask.", lower_bound=0, upper_bound=1, flag_values=fv)
+
+
+def _attention_similarity_flags(fv):
+    flags.DEFINE_bool("include_cls", False, "Keep the [CLS] key column in A_i.", flag_values=fv)
+
+
+def _semantic_similarity_flags(fv):
+    flags.DEFINE_string("reference", None, "A .keras model giving per-patch features (DINO's role).", flag_values=fv)
+    flags.mark_flag_as_required("reference", flag_values=fv)
+    flags.DEFINE_enum("normalization", "cosine", ["cosine", "minmax"], "W: the cosine matrix itself, or min-max "
+                      "rescaled to [0, 1].", flag_values=fv)
+
+
+def _attention_maps_flags(fv):
+    define_rows_flag(2, "Images per query position.")(fv)
+    flags.DEFINE_list("query", None, "Comma-separated masked patch indices (default: near centre, near a corner).",
+                      flag_values=fv)
+    flags.register_validator("query", lambda v: v is None or all(q.lstrip("-").isdigit() for q in v),
+                             "must be comma-separated patch indices", flag_values=fv)
+
+
+def _clusters_flags(fv):
+    define_rows_flag(6, "Images shown in the cluster maps.")(fv)
+    flags.DEFINE_integer("max_map_layers", 8, "At most this many layers in the maps figure.", lower_bound=1,
+                         flag_values=fv)
+
+
+# subcommand -> (what it is, its own flags on top of define_common_flags)
+SUBCOMMANDS = {
+    "attention-distance": ("Fig. 5/6/A.1 attention distance.", _attention_distance_flags),
+    "attention-similarity": ("Eq. 7 / Fig. 2.", _attention_similarity_flags),
+    "semantic-similarity": ("Eq. 8 / Fig. 3.", _semantic_similarity_flags),
+    "attention-maps": ("Fig. 4/B.1 attention maps.", _attention_maps_flags),
+    "reconstruction": ("input | masked | reconstruction.", define_rows_flag(8, "Images shown.")),
+    "clusters": ("sigma_F, sigma_s, gap + bipartition maps.", _clusters_flags),
+}
+
+
+def subcommand_flags(name):
+    """The flags of one subcommand, on a ``FlagValues`` of their own (each
+    subcommand has its own flags and defaults)."""
+    fv = cli.new_flags()
+    define_common_flags(fv)
+    SUBCOMMANDS[name][1](fv)
+    return fv
+
+
+FLAGS = {name: subcommand_flags(name) for name in SUBCOMMANDS}
+
+
+def usage():
+    """``--help``: the docstring, then each subcommand's flags."""
+    parts = [__doc__.strip(), "usage: python tools/analyze.py SUBCOMMAND --checkpoint=PATH [flags] (SUBCOMMAND --help: its flags)"]
+    for name, (what, _) in SUBCOMMANDS.items():
+        parts.append(f"{name}: {what}\n{FLAGS[name].get_help(include_special_flags=False)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def parse_args(argv):
+    """``(subcommand, flag values as attributes)`` from the command-line
+    arguments ``argv`` (default ``sys.argv[1:]``): the subcommand first, then
+    its flags. A bad command line ends in one line (:func:`cli.fail`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in cli.HELP:
+        if argv:
+            print(usage(), flush=True)
+            sys.exit(0)
+        cli.fail(f"a subcommand is needed: one of {', '.join(SUBCOMMANDS)}.")
+    command = argv[0]
+    if command not in SUBCOMMANDS:
+        cli.fail(f"unknown subcommand {command!r}; choose one of {', '.join(SUBCOMMANDS)}.")
+    fv = FLAGS[command]
+    extra = cli.parse(fv, argv[1:], f"{__doc__.splitlines()[0]}\n\n{command}: {SUBCOMMANDS[command][0]}")
+    if extra:
+        cli.fail(f"unexpected arguments: {' '.join(extra)}")
+    values = fv.flag_values_dict()
+    if values.get("query") is not None:
+        values["query"] = [int(q) for q in values["query"]]
+    return types.SimpleNamespace(**values, command=command)
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.num_images < 1 or args.batch_size < 1:
-        parser.error("--num_images and --batch_size must be positive.")
+    """Runs one subcommand; ``argv``: the command-line arguments (default
+    ``sys.argv[1:]``). Returns ``{"command", "csv", "png"}``."""
+    args = parse_args(argv)
     try:
         ctx = Context(args)
         csv_path = COMMANDS[args.command](ctx)
     except (UsageError, ValueError) as e:
-        parser.error(str(e))
+        cli.fail(str(e))
     result = {"command": args.command, "csv": csv_path, "png": ctx.path(".png")}
     print(json.dumps(result), flush=True)
     return result

@@ -10,13 +10,29 @@ setting. Cross-view loss alone (c) should collapse; (a), (b), (e) should not.
     KERAS_BACKEND=torch python tools/collapse_study.py --settings a,b,c,e --steps 300
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
+from absl import flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # tools/cli.py, importable once tools/ is on the path
+
+SETTINGS = tuple("abcdefg")  # the keys of keras_lcmae.models.SETTINGS (parsing the flags imports no Keras)
+FLAGS = cli.new_flags()
+flags.DEFINE_string("settings", "a,b,c,e", "Comma list of the LC-MAE loss settings (a-g of the paper's Table 1) "
+                    "to train, one after the other.", flag_values=FLAGS)
+flags.register_validator("settings", lambda v: all(s.strip().strip("()").lower() in SETTINGS for s in v.split(",")),
+                         "must be a comma list of LC-MAE settings a-g", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 300, "Training steps per setting.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the model, data order and masks (the same for every setting).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("images", 2000, "Fashion-MNIST training images used.", lower_bound=1, flag_values=FLAGS)
 
 
 def run_setting(setting, images, steps, batch_size, lr, seed, projector_dim=64):
@@ -62,22 +78,15 @@ def run_setting(setting, images, steps, batch_size, lr, seed, projector_dim=64):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="a,b,c,e")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=2000)
-    args = parser.parse_args()
-
+def main(argv=None):
+    cli.parse(FLAGS, argv, __doc__)
     from keras_lcmae.data import fashion_mnist_for_vit
 
-    images, _ = fashion_mnist_for_vit("train", image_size=32, channels=1, limit=args.images)
+    images, _ = fashion_mnist_for_vit("train", image_size=32, channels=1, limit=FLAGS.images)
     images = (images - 0.286) / 0.353  # Fashion-MNIST mean/std
-    for setting in args.settings.split(","):
-        print(json.dumps(run_setting(setting.strip(), images, args.steps, args.batch_size, args.lr, args.seed)), flush=True)
+    for setting in FLAGS.settings.split(","):
+        print(json.dumps(run_setting(setting.strip(), images, FLAGS.steps, FLAGS.batch_size, FLAGS.lr, FLAGS.seed)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags  # noqa: E402
+import cli  # tools/cli.py, importable once tools/ is on the path
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Official checkpoint: .pth (torch) or .npz.")
 flags.DEFINE_string("output", None, "Where to write the .keras file.")
-flags.DEFINE_integer("num_heads", None, "Encoder heads (default: standard ViT for the width).")
-flags.DEFINE_integer("decoder_num_heads", 16, "Decoder heads (official MAE: 16).")
+flags.DEFINE_integer("num_heads", None, "Encoder heads (default: standard ViT for the width).", lower_bound=1)
+flags.DEFINE_integer("decoder_num_heads", 16, "Decoder heads (official MAE: 16).", lower_bound=1)
 flags.DEFINE_bool("encoder_only", False, "Write only the encoder.")
-flags.DEFINE_float("mask_ratio", 0.75, "Mask ratio stored in the MAE model.")
+flags.DEFINE_float("mask_ratio", 0.75, "Mask ratio stored in the MAE model.", lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("norm_pix_loss", True, "norm_pix_loss stored in the MAE model.")
 
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -52,7 +54,7 @@ def read_state_dict(path):
             # ``args`` (an argparse.Namespace): allowed by name, nothing else is
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds
+        except Exception as e:  # torch raises many kinds
             raise ValueError(
                 f"--input: {path!r} could not be read as a weights-only checkpoint "
                 f"(it may contain code, which is refused): {str(e).splitlines()[0]}"
@@ -91,7 +93,7 @@ def convert(path, output, num_heads=None, decoder_num_heads=16, encoder_only=Fal
 def main(argv):
     del argv
     if not FLAGS.input or not FLAGS.output:
-        raise app.UsageError("--input and --output are required.")
+        cli.fail("--input and --output are required.")
     try:
         model = convert(
             FLAGS.input,
@@ -103,8 +105,7 @@ def main(argv):
             norm_pix_loss=FLAGS.norm_pix_loss,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     print(f"wrote {type(model).__name__} ({model.count_params():,} weights) to {FLAGS.output}")
 
 

@@ -17,7 +17,6 @@ skips runs whose ``encoder.keras`` already exists. Extra recipe flags go
 through ``--pretrain_flag`` (repeatable), e.g. ``--pretrain_flag=--batch_size=64``.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -25,41 +24,47 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # tools/cli.py, importable once tools/ is on the path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-
 
 def parse_ratios(text):
+    """``--mask_ratios``: the ratios, or None for a value that is not a comma
+    list of distinct numbers strictly between 0 and 1."""
     try:
         ratios = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mask_ratios must be comma-separated numbers, got {text!r}.") from None
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
-        raise argparse.ArgumentTypeError(f"--mask_ratios must lie strictly between 0 and 1, got {text!r}.")
-    if len(set(ratios)) != len(ratios):
-        raise argparse.ArgumentTypeError(f"--mask_ratios has duplicates: {text!r}.")
+        return None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios) or len(set(ratios)) != len(ratios):
+        return None
     return ratios
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mask_ratios", type=parse_ratios, default=parse_ratios("0.3,0.45,0.6,0.75,0.9"))
-    parser.add_argument("--method", choices=("mae", "lcmae"), default="mae", help="Pretraining method.")
-    parser.add_argument("--flagfile", default=os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
-                        help="Base flags of recipes/pretrain.py.")
-    parser.add_argument("--epochs", type=int, default=1, help="Pretraining epochs per ratio.")
-    parser.add_argument("--steps_per_epoch", type=int, default=30, help="Pretraining steps per epoch.")
-    parser.add_argument("--pretrain_flag", action="append", default=[],
-                        help="Extra flag for recipes/pretrain.py (repeatable), e.g. --pretrain_flag=--batch_size=64.")
-    parser.add_argument("--output_dir", default="runs/mask_ratio_sweep", help="Runs, CSV and PNG go here.")
-    parser.add_argument("--data", default="fashion_mnist", help="Analysis images: fashion_mnist or a folder.")
-    parser.add_argument("--num_images", type=int, default=64, help="Images for the attention distance.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of pretraining and of the image choice.")
-    parser.add_argument("--reuse", action="store_true", help="Skip runs whose encoder.keras exists.")
-    return parser
+FLAGS = cli.new_flags(own_flagfile=True)
+flags.DEFINE_string("mask_ratios", "0.3,0.45,0.6,0.75,0.9", "Comma list of the mask ratios to pretrain with.",
+                    flag_values=FLAGS)
+flags.register_validator("mask_ratios", lambda v: parse_ratios(v) is not None,
+                         "must be a comma list of distinct numbers strictly between 0 and 1", flag_values=FLAGS)
+flags.DEFINE_enum("method", "mae", ["mae", "lcmae"], "Pretraining method.", flag_values=FLAGS)
+flags.DEFINE_string("flagfile", os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
+                    "Base flags of recipes/pretrain.py.", flag_values=FLAGS)
+flags.register_validator("flagfile", os.path.exists, "no such file", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 1, "Pretraining epochs per ratio.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps_per_epoch", 30, "Pretraining steps per epoch.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_multi_string("pretrain_flag", [], "Extra flag for recipes/pretrain.py (repeatable), e.g. "
+                          "--pretrain_flag=--batch_size=64.", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "runs/mask_ratio_sweep", "Runs, CSV and PNG go here.", flag_values=FLAGS)
+flags.DEFINE_string("data", "fashion_mnist", "Analysis images: fashion_mnist or a folder.", flag_values=FLAGS)
+flags.DEFINE_integer("num_images", 64, "Images for the attention distance.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of pretraining and of the image choice.", flag_values=FLAGS)
+flags.DEFINE_bool("reuse", False, "Skip runs whose encoder.keras exists.", flag_values=FLAGS)
 
 
 def run_dir(output_dir, ratio):
@@ -100,15 +105,13 @@ def measure(encoder_path, args):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not os.path.exists(args.flagfile):
-        parser.error(f"--flagfile: no file at {args.flagfile!r}.")
-    if args.epochs < 1 or args.steps_per_epoch < 1 or args.num_images < 1:
-        parser.error("--epochs, --steps_per_epoch and --num_images must be positive.")
+    """The sweep; ``argv``: the command-line arguments (default
+    ``sys.argv[1:]``). Returns the exit status."""
+    cli.parse(FLAGS, argv, __doc__)
+    args = FLAGS
     os.makedirs(args.output_dir, exist_ok=True)
     rows, curves, uniform = [], {}, None
-    for ratio in args.mask_ratios:
+    for ratio in parse_ratios(args.mask_ratios):
         try:
             path, seconds = pretrain(args, ratio)
         except RuntimeError as e:

@@ -15,29 +15,48 @@ studies whose per-backend numerics other tests already cover (marker
 Each pass spreads its tests over ``--workers`` pytest processes
 (pytest-xdist; default: one per CPU core, at most 4). The tests use tiny
 models, so most of their time is single-threaded Python, tracing and
-compiling. On the 2-core CI machine, two workers took the TensorFlow pass from
-972 s to 564 s and the JAX pass from 447 s to 285 s. PyTorch's pass went from
-108 s to 71 s, but only once each worker was held to one OpenMP thread (with
-two threads per worker it took 132 s). Each worker gets an equal share of the
-cores through ``OMP_NUM_THREADS`` unless the caller set it.
+compiling, so a pass on two cores takes about half as long with two workers.
+Each worker gets an equal share of the cores through ``OMP_NUM_THREADS``
+unless the caller set it: a PyTorch worker with more OpenMP threads than its
+share of the cores runs slower than with one.
 
 Ends with one line ``N passed, N failed, N skipped`` over all passes and
 exits non-zero if any pass failed.
 """
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 import time
 
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # tools/cli.py, importable once tools/ is on the path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ("tensorflow", "jax", "torch")
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|error|errors|deselected)")
 
 
 def default_workers():
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def parse_backends(text):
+    """``--backends``: the backends named, in order; None if any is unknown
+    or none is given."""
+    backends = [b.strip() for b in text.split(",") if b.strip()]
+    return backends if backends and set(backends) <= set(BACKENDS) else None
+
+
+FLAGS = cli.new_flags()
+flags.DEFINE_string("backends", ",".join(BACKENDS), "Comma list of the backends to run a pass on.", flag_values=FLAGS)
+flags.register_validator("backends", lambda v: parse_backends(v) is not None,
+                         "takes a comma list of tensorflow, jax, torch", flag_values=FLAGS)
+flags.DEFINE_integer("workers", default_workers(), "pytest processes per pass (pytest-xdist); 1 runs each pass in one "
+                     "process (default: one per CPU core, at most 4).", lower_bound=1, flag_values=FLAGS)
 
 
 def have_xdist():
@@ -88,32 +107,18 @@ def run(backend, extra, workers):
     return counts, proc.returncode
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="pytest processes per pass (pytest-xdist); 1 runs each pass in one process "
-        "(default: one per CPU core, at most 4)",
-    )
-    parser.add_argument("pytest_args", nargs="*")
-    args = parser.parse_args()
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - {"tensorflow", "jax", "torch"})
-    if unknown or not backends:
-        parser.error(f"--backends takes a comma list of tensorflow, jax, torch; got {args.backends!r}")
-    workers = args.workers
+def main(argv=None):
+    """``python tools/run_tests.py [--backends B,..] [--workers N] [-- PYTEST_ARGS]``."""
+    pytest_args = cli.parse(FLAGS, argv, __doc__)
+    backends = parse_backends(FLAGS.backends)
+    workers = FLAGS.workers
     if workers > 1 and not have_xdist():
         print("=== pytest-xdist is not installed (pip install -e '.[test]'): one process per pass", flush=True)
         workers = 1
     total = {"passed": 0, "failed": 0, "skipped": 0}
     ok = True
     for backend in backends:
-        counts, code = run(backend, args.pytest_args, workers)
+        counts, code = run(backend, pytest_args, workers)
         for k in total:
             total[k] += counts[k]
         ok = ok and code == 0
