@@ -1,7 +1,7 @@
 """Distribution: one name picks the strategy, and the few helpers the losses
 and the masking need so that a distributed step equals a one-device step.
 
-This is the one library module besides ``data.py`` that touches TensorFlow
+This is the one library module besides ``keras_lcmae.data`` that touches TensorFlow
 directly (imported on first use, by :func:`keras_lcmae.backend.tf`). Names
 (the recipes' ``--strategy`` flag):
 

@@ -166,7 +166,7 @@ def build_decoder_from_flags():
 
 
 def build_model(channels):
-    from keras_lcmae import LCMAE, MAE, AutoEncoder, ViTEncoder
+    from keras_lcmae import LCMAE, MAE, AutoEncoder, RandomMasking, SelfGuidedMasking, ViTEncoder
 
     encoder = ViTEncoder.from_preset(
         FLAGS.model,
@@ -180,9 +180,11 @@ def build_model(channels):
     decoder = build_decoder_from_flags()
     if FLAGS.method == "ae":  # no masking: the masking flags do not apply
         return AutoEncoder(encoder, decoder, block_size=FLAGS.block_size, norm_pix_loss=FLAGS.norm_pix_loss)
-    shared = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed)
-    shared.update(masking=FLAGS.masking, informed_start_epoch=FLAGS.informed_start_epoch,
-                  hint_ratio=FLAGS.hint_ratio, guide_layer=parse_guide_layer(FLAGS.guide_layer))
+    masking = RandomMasking()
+    if FLAGS.masking == "self_guided":
+        masking = SelfGuidedMasking(informed_start_epoch=FLAGS.informed_start_epoch, hint_ratio=FLAGS.hint_ratio,
+                                    guide_layer=parse_guide_layer(FLAGS.guide_layer))
+    shared = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed, masking=masking)
     if FLAGS.method == "mae":
         return MAE(encoder, decoder, **shared)
     return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=loss_weights_from_flags(),
