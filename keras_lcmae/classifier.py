@@ -101,7 +101,9 @@ def rebuild_encoder(encoder, image_size=None, drop_path_rate=None, pos_embed_tra
     return copy
 
 
-def load_encoder(path, image_size=None, patch_size=None, num_channels=None, drop_path_rate=None, pos_embed_trainable=None):
+def load_encoder(
+    path, image_size=None, patch_size=None, num_channels=None, drop_path_rate=None, pos_embed_trainable=None
+):
     """Loads a :class:`ViTEncoder` from a ``.keras`` file (the
     ``encoder.keras`` written by ``recipes/pretrain.py``, or a whole
     MAE/LC-MAE model file, whose ``.encoder`` is taken).
@@ -143,8 +145,9 @@ def _rebuild_checked(encoder, image_size, drop_path_rate, source, pos_embed_trai
     """:func:`rebuild_encoder` with an error naming ``source`` when the new
     image size does not fit the patch size."""
     try:
-        return rebuild_encoder(encoder, image_size=image_size, drop_path_rate=drop_path_rate,
-                               pos_embed_trainable=pos_embed_trainable)
+        return rebuild_encoder(
+            encoder, image_size=image_size, drop_path_rate=drop_path_rate, pos_embed_trainable=pos_embed_trainable
+        )
     except ValueError as e:
         raise ValueError(f"{source}: cannot resize its encoder to image_size={image_size}: {e}") from None
 
@@ -160,8 +163,9 @@ def probe_batch_norm(name="head_norm"):
     from keras_lcmae.distribute import num_replicas
 
     synchronized = keras.backend.backend() == "tensorflow" and num_replicas() > 1
-    return keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-6, momentum=0.9,
-                                           synchronized=synchronized, name=name)
+    return keras.layers.BatchNormalization(
+        center=False, scale=False, epsilon=1e-6, momentum=0.9, synchronized=synchronized, name=name
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_lcmae")
@@ -330,7 +334,9 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         check_pool(pool)
         # finetuning trains the position table: set it in the one rebuild (the constructor then keeps the encoder)
         trainable = None if kwargs.get("linear_probe", False) else True
-        encoder = load_encoder(path, image_size, patch_size, num_channels, drop_path_rate, pos_embed_trainable=trainable)
+        encoder = load_encoder(
+            path, image_size, patch_size, num_channels, drop_path_rate, pos_embed_trainable=trainable
+        )
         return cls(encoder, num_classes, pool=pool, **kwargs)
 
     @classmethod
@@ -380,7 +386,9 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         _check_num_classes(num_classes)
         check_pool(pool)
         if not hasattr(state_dict, "keys"):
-            raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
+            raise ValueError(
+                f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}."
+            )
         state = dict(state_dict)
         found = encoder_kwargs_from_state_dict(state, num_heads)
         _check_geometry(found, patch_size, num_channels, "The state dict")

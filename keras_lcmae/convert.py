@@ -148,7 +148,9 @@ def load_official_state_dict(model, state_dict, strict=True):
         ValueError naming each missing, unexpected or misshaped key.
     """
     if not hasattr(state_dict, "keys"):
-        raise ValueError(f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}.")
+        raise ValueError(
+            f"state_dict must be a mapping of official key names to arrays, got {type(state_dict).__name__}."
+        )
     entries = official_entries(model)
     encoder = find_encoder(model, "load_official_state_dict")
     p = encoder.patch_size

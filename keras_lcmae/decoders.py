@@ -118,9 +118,7 @@ class TransformerDecoder(_Decoder):
         kwargs.setdefault("name", "decoder")
         super().__init__(grid_size, input_dim, output_dim, **kwargs)
         if hidden_dim % num_heads:
-            raise ValueError(
-                f"decoder hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}."
-            )
+            raise ValueError(f"decoder hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}.")
         if hidden_dim % 4:
             raise ValueError(f"decoder hidden_dim={hidden_dim} must be divisible by 4 (sin-cos table).")
         self.hidden_dim = int(hidden_dim)
@@ -130,7 +128,15 @@ class TransformerDecoder(_Decoder):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.decoder_embed = keras.layers.Dense(self.hidden_dim, name="decoder_embed")
         self.blocks = [
-            Block(self.hidden_dim, self.num_heads, self.mlp_ratio, True, 0.0, self.layer_norm_epsilon, name=f"decoder_blocks_{i}")
+            Block(
+                self.hidden_dim,
+                self.num_heads,
+                self.mlp_ratio,
+                True,
+                0.0,
+                self.layer_norm_epsilon,
+                name=f"decoder_blocks_{i}",
+            )
             for i in range(self.depth)
         ]
         self.decoder_norm = layer_norm("decoder_norm", self.layer_norm_epsilon)

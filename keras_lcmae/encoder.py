@@ -122,15 +122,18 @@ class ViTEncoder(keras.Model):
         super().__init__(**kwargs)
         image_size = to_2tuple(image_size, "image_size")
         self.grid_size = grid_shape(image_size, patch_size)
-        for name, value in (("num_channels", num_channels), ("hidden_dim", hidden_dim), ("depth", depth), ("num_heads", num_heads)):
+        for name, value in (
+            ("num_channels", num_channels),
+            ("hidden_dim", hidden_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
             if int(value) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if hidden_dim % num_heads:
             raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}.")
         if hidden_dim % 4:
-            raise ValueError(
-                f"hidden_dim={hidden_dim} must be divisible by 4 for the 2-D sin-cos position table."
-            )
+            raise ValueError(f"hidden_dim={hidden_dim} must be divisible by 4 for the 2-D sin-cos position table.")
         self.image_size = image_size
         self.patch_size = int(patch_size)
         self.num_channels = int(num_channels)

@@ -29,7 +29,9 @@ def _check_knn_args(train_features, train_labels, test_features, num_classes, k,
     test = _as_features(test_features, "test_features")
     if train.shape[1] != test.shape[1]:
         raise ValueError(f"train features have dim {train.shape[1]} but test features dim {test.shape[1]}.")
-    labels = (ops.convert_to_numpy(train_labels) if ops.is_tensor(train_labels) else np.asarray(train_labels)).reshape(-1)
+    labels = (ops.convert_to_numpy(train_labels) if ops.is_tensor(train_labels) else np.asarray(train_labels)).reshape(
+        -1
+    )
     if labels.shape[0] != train.shape[0]:
         raise ValueError(f"{train.shape[0]} train features but {labels.shape[0]} train labels.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -181,8 +183,9 @@ def extract_features(encoder, data, pool="cls", batch_size=256):
     return np.concatenate(features), (None if labels[0] is None else np.concatenate(labels))
 
 
-def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, num_classes, steps=300,
-                          learning_rate=0.5, l2=1e-4):
+def linear_probe_accuracy(
+    train_features, train_labels, test_features, test_labels, num_classes, steps=300, learning_rate=0.5, l2=1e-4
+):
     """Top-1 accuracy of a linear classifier fit on frozen features (numpy).
 
     Features are standardised with the training set's mean and variance

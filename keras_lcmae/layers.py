@@ -124,9 +124,7 @@ class Attention(keras.layers.Layer):
     def __init__(self, hidden_dim, num_heads, qkv_bias=True, **kwargs):
         super().__init__(**kwargs)
         if hidden_dim % num_heads:
-            raise ValueError(
-                f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}."
-            )
+            raise ValueError(f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}.")
         self.hidden_dim = int(hidden_dim)
         self.num_heads = int(num_heads)
         self.qkv_bias = bool(qkv_bias)
@@ -158,7 +156,9 @@ class Attention(keras.layers.Layer):
             logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (self.head_dim**-0.5)
             attn = ops.softmax(ops.cast(logits, "float32"), axis=-1)
         else:  # the speed path: scale the (smaller) queries; PyTorch's 16-bit CPU softmax accumulates in float32
-            attn = ops.softmax(ops.matmul(q * ops.cast(self.head_dim**-0.5, q.dtype), ops.transpose(k, (0, 1, 3, 2))), axis=-1)
+            attn = ops.softmax(
+                ops.matmul(q * ops.cast(self.head_dim**-0.5, q.dtype), ops.transpose(k, (0, 1, 3, 2))), axis=-1
+            )
         out = ops.matmul(ops.cast(attn, v.dtype), v)  # (B, H, T, Dh)
         out = self.proj.call(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, self.hidden_dim)))
         return (out, attn) if return_attention else out
@@ -284,9 +284,7 @@ def run_blocks(blocks, x, training=None, return_attention=False):
 
 def add_token(layer, name, dim):
     """A learned ``(1, 1, dim)`` token initialised N(0, 0.02) (official MAE)."""
-    return layer.add_weight(
-        shape=(1, 1, dim), initializer=keras.initializers.RandomNormal(stddev=0.02), name=name
-    )
+    return layer.add_weight(shape=(1, 1, dim), initializer=keras.initializers.RandomNormal(stddev=0.02), name=name)
 
 
 def add_sincos_table(layer, name, dim, grid_size, trainable=False):

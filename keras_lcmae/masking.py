@@ -41,9 +41,7 @@ def num_visible(num_patches, mask_ratio):
             f"(int({num_patches} * (1 - {mask_ratio})) = 0); lower the ratio or use smaller patches."
         )
     if keep >= num_patches:
-        raise ValueError(
-            f"mask_ratio={mask_ratio} masks no patch out of {num_patches}; raise the ratio."
-        )
+        raise ValueError(f"mask_ratio={mask_ratio} masks no patch out of {num_patches}; raise the ratio.")
     return keep
 
 
@@ -75,9 +73,7 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
     if noise is None:
         noise = replica_uniform(ops.shape(x)[:2], seed)  # distinct per tf.distribute replica
     elif tuple(noise.shape[1:]) != (n,):
-        raise ValueError(
-            f"noise must have shape (batch, {n}) to mask {n} patches, got {tuple(noise.shape)}."
-        )
+        raise ValueError(f"noise must have shape (batch, {n}) to mask {n} patches, got {tuple(noise.shape)}.")
     ids_shuffle = ops.cast(ops.argsort(noise, axis=1), "int32")
     ids_restore = ops.cast(ops.argsort(ids_shuffle, axis=1), "int32")
     ids_keep = ids_shuffle[:, :len_keep]

@@ -38,8 +38,7 @@ def grid_shape(image_size, patch_size):
         raise ValueError(f"Only square patches are supported, got patch_size={patch_size!r}.")
     if ph <= 0 or h <= 0 or w <= 0:
         raise ValueError(
-            f"image_size and patch_size must be positive, got image_size={image_size!r}, "
-            f"patch_size={patch_size!r}."
+            f"image_size and patch_size must be positive, got image_size={image_size!r}, patch_size={patch_size!r}."
         )
     if h % ph or w % pw:
         raise ValueError(
@@ -148,9 +147,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     (17, 64)
     """
     if embed_dim % 4:
-        raise ValueError(
-            f"The 2-D sin-cos position table needs a width divisible by 4, got {embed_dim}."
-        )
+        raise ValueError(f"The 2-D sin-cos position table needs a width divisible by 4, got {embed_dim}.")
     gh, gw = to_2tuple(grid_size, "grid_size")
     cols, rows = np.meshgrid(np.arange(gw, dtype=np.float64), np.arange(gh, dtype=np.float64))
     emb = np.concatenate(

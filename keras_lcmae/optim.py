@@ -164,8 +164,9 @@ def adamw(model, learning_rate, weight_decay=0.05, beta_1=0.9, beta_2=0.95, accu
     >>> mae.compile(optimizer=opt)
     """
     del model  # the 1-D rule is applied to whatever variables the optimizer builds for
-    return AdamW(learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, accum_steps=accum_steps,
-                 exclude_1d=True)
+    return AdamW(
+        learning_rate, weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, accum_steps=accum_steps, exclude_1d=True
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -212,8 +213,16 @@ class LARS(AccumulatesGradients, keras.optimizers.Optimizer):
     [-0.1, -0.1, -0.1]
     """
 
-    def __init__(self, learning_rate=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, name="lars",
-                 accum_steps=1, **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.1,
+        weight_decay=0.0,
+        momentum=0.9,
+        trust_coefficient=0.001,
+        name="lars",
+        accum_steps=1,
+        **kwargs,
+    ):
         for arg, value in (("weight_decay", weight_decay), ("trust_coefficient", trust_coefficient)):
             if value is None or float(value) < 0:
                 raise ValueError(f"`{arg}` must be a non-negative float, got {value!r}.")
@@ -322,7 +331,9 @@ def layer_decay_multipliers(model_or_encoder, layer_decay):
     (0.125, 0.5, 1.0)
     """
     if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
-        raise ValueError(f"`layer_decay` must be a float in (0, 1] (0.75 official default, 0.65 for ViT-B), got {layer_decay!r}.")
+        raise ValueError(
+            f"`layer_decay` must be a float in (0, 1] (0.75 official default, 0.65 for ViT-B), got {layer_decay!r}."
+        )
     depth = _find_encoder(model_or_encoder).depth
     return {path: float(layer_decay) ** (depth + 1 - i) for path, i in layer_ids(model_or_encoder).items()}
 
@@ -419,9 +430,7 @@ class LayerDecayAdamW(LayerDecayAdamWFastUpdate, AccumulatesGradients, keras.opt
         # own variable (TensorFlow), which has no Keras path.
         self._scales = [1.0 if self.lr_multipliers is None else self.lr_multipliers[v.path] for v in variables]
         excluded = set(self.no_weight_decay)
-        self._decays = [
-            len(v.shape) > 1 and v.path not in excluded and self.decays_variable(v) for v in variables
-        ]
+        self._decays = [len(v.shape) > 1 and v.path not in excluded and self.decays_variable(v) for v in variables]
 
     def decays_in_update(self, variables):
         return True  # per variable, scaled, inside the update

@@ -49,8 +49,10 @@ def usage(doc, script_file):
     names = flagfiles(os.path.basename(script_file))
     if not names:
         return doc
-    line = ("Flagfiles in recipes/configs/ (--flagfile=recipes/configs/NAME; each opens with a comment on what "
-            "it is for): " + ", ".join(names) + ".")
+    line = (
+        "Flagfiles in recipes/configs/ (--flagfile=recipes/configs/NAME; each opens with a comment on what "
+        "it is for): " + ", ".join(names) + "."
+    )
     return doc.rstrip() + "\n\n" + textwrap.fill(line, 78, break_on_hyphens=False, break_long_words=False) + "\n"
 
 
@@ -59,33 +61,73 @@ def define_run_flags(defaults):
     blr, warmup_epochs, weight_decay and output_dir."""
     d = dict(min_lr=0.0, backup_every=0)
     d.update(defaults)
-    flags.DEFINE_integer("batch_size", d["batch_size"], lower_bound=1, help="Effective global batch of one optimizer update (the lr rule "
-                         "uses it); each device sees batch_size / (replicas x accum_steps) images per step.")
-    flags.DEFINE_integer("accum_steps", 1, lower_bound=1, help="Gradient accumulation: micro-batches per optimizer update (official "
-                         "MAE's --accum_iter). The lr schedule, warmup, backups and the step count are in updates.")
+    flags.DEFINE_integer(
+        "batch_size",
+        d["batch_size"],
+        lower_bound=1,
+        help="Effective global batch of one optimizer update (the lr rule "
+        "uses it); each device sees batch_size / (replicas x accum_steps) images per step.",
+    )
+    flags.DEFINE_integer(
+        "accum_steps",
+        1,
+        lower_bound=1,
+        help="Gradient accumulation: micro-batches per optimizer update (official "
+        "MAE's --accum_iter). The lr schedule, warmup, backups and the step count are in updates.",
+    )
     flags.DEFINE_integer("epochs", d["epochs"], "Epochs.", lower_bound=1)
-    flags.DEFINE_integer("steps_per_epoch", None, "Optimizer updates per epoch (default: images // batch_size).",
-                         lower_bound=1)
+    flags.DEFINE_integer(
+        "steps_per_epoch", None, "Optimizer updates per epoch (default: images // batch_size).", lower_bound=1
+    )
     flags.DEFINE_float("blr", d["blr"], "Base lr; lr = blr * batch_size / 256.", lower_bound=0)
     flags.DEFINE_float("min_lr", d["min_lr"], "Final lr of the cosine.", lower_bound=0)
     flags.DEFINE_float("warmup_epochs", d["warmup_epochs"], "Linear warmup epochs.", lower_bound=0)
     flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay (not on 1-D parameters).", lower_bound=0)
-    flags.DEFINE_enum("strategy", "none", list(STRATEGIES),
-                      "Distribution: mirrored / multiworker (TF_CONFIG) / tpu on TensorFlow, data_parallel on JAX.")
+    flags.DEFINE_enum(
+        "strategy",
+        "none",
+        list(STRATEGIES),
+        "Distribution: mirrored / multiworker (TF_CONFIG) / tpu on TensorFlow, data_parallel on JAX.",
+    )
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
-    flags.DEFINE_integer("host_devices", None, lower_bound=1, help="Split the CPU into this many logical devices (try distribution "
-                         "on a laptop).")
-    flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"],
-                      "Mixed precision: bf16, or fp16 with dynamic loss scaling; weights stay float32.")
+    flags.DEFINE_integer(
+        "host_devices",
+        None,
+        lower_bound=1,
+        help="Split the CPU into this many logical devices (try distribution on a laptop).",
+    )
+    flags.DEFINE_enum(
+        "mixed_precision",
+        "none",
+        ["none", "bf16", "fp16"],
+        "Mixed precision: bf16, or fp16 with dynamic loss scaling; weights stay float32.",
+    )
     flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation.")
-    flags.DEFINE_integer("backup_every", d["backup_every"], lower_bound=0, help="Optimizer updates between preemption backups (0: at "
-                         "each epoch end). Rerun the same command to resume.")
-    flags.DEFINE_integer("log_every", 0, lower_bound=0, help="Write step-level scalars (loss, metrics, lr) to TensorBoard every N "
-                         "optimizer updates (0: per epoch only).")
-    flags.DEFINE_bool("dry_run", False, "Check the flags, build data and model, print the plan (replicas, "
-                      "micro-batch, accumulation, memory estimate); do not train.")
-    flags.DEFINE_float("device_memory_gb", None, lower_bound=0, help="Memory of one device in GB: --dry_run warns when the estimate "
-                       "does not fit.")
+    flags.DEFINE_integer(
+        "backup_every",
+        d["backup_every"],
+        lower_bound=0,
+        help="Optimizer updates between preemption backups (0: at each epoch end). Rerun the same command to resume.",
+    )
+    flags.DEFINE_integer(
+        "log_every",
+        0,
+        lower_bound=0,
+        help="Write step-level scalars (loss, metrics, lr) to TensorBoard every N "
+        "optimizer updates (0: per epoch only).",
+    )
+    flags.DEFINE_bool(
+        "dry_run",
+        False,
+        "Check the flags, build data and model, print the plan (replicas, "
+        "micro-batch, accumulation, memory estimate); do not train.",
+    )
+    flags.DEFINE_float(
+        "device_memory_gb",
+        None,
+        lower_bound=0,
+        help="Memory of one device in GB: --dry_run warns when the estimate does not fit.",
+    )
     flags.DEFINE_string("output_dir", d["output_dir"], "Run folder.")
     flags.DEFINE_integer("seed", 0, "Seed of data order, augmentation, masks and init.")
     define_keep_freed_memory_flag()
@@ -135,7 +177,7 @@ def on_command_line(name):
     """Whether ``--name`` was given on the command line itself (not only in a
     ``--flagfile``)."""
     args = sys.argv[1:]
-    args = args[:args.index("--")] if "--" in args else args
+    args = args[: args.index("--")] if "--" in args else args
     return any(a.lstrip("-") == name or a.lstrip("-").startswith(name + "=") for a in args if a.startswith("-"))
 
 
@@ -228,43 +270,75 @@ def run(main):
 
 def define_keep_freed_memory_flag():
     """``--keep_freed_memory``, which every recipe takes (see :func:`keep_freed_memory`)."""
-    flags.DEFINE_bool("keep_freed_memory", True, "Make glibc malloc keep and reuse freed memory "
-                      "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
-                      "afresh; the process keeps its peak memory.")
+    flags.DEFINE_bool(
+        "keep_freed_memory",
+        True,
+        "Make glibc malloc keep and reuse freed memory "
+        "(keras_lcmae.cpu.keep_freed_memory): a CPU step then stops page-faulting its activations in "
+        "afresh; the process keeps its peak memory.",
+    )
 
 
 def define_eval_flags(defaults):
     """The flags of both evaluation recipes (data, encoder, head) plus the
     run flags; ``defaults`` overrides values."""
     d = dict(
-        data="fashion_mnist", encoder="random", model="vit_base", image_size=224, patch_size=None,
-        batch_size=256, epochs=10, blr=1e-3, warmup_epochs=1, weight_decay=0.0, pool="cls",
+        data="fashion_mnist",
+        encoder="random",
+        model="vit_base",
+        image_size=224,
+        patch_size=None,
+        batch_size=256,
+        epochs=10,
+        blr=1e-3,
+        warmup_epochs=1,
+        weight_decay=0.0,
+        pool="cls",
         output_dir="runs/eval",
     )
     d.update(defaults)
-    flags.DEFINE_string("data", d["data"], "fashion_mnist (offline), a folder with train/ and val/ class folders, "
-                        "tfds:NAME, or a TFRecord glob of training records (with --val_data).")
+    flags.DEFINE_string(
+        "data",
+        d["data"],
+        "fashion_mnist (offline), a folder with train/ and val/ class folders, "
+        "tfds:NAME, or a TFRecord glob of training records (with --val_data).",
+    )
     flags.DEFINE_string("val_data", None, "With a TFRecord --data: the TFRecord glob of the validation records.")
-    flags.DEFINE_string("encoder", d["encoder"], "encoder.keras of a pretraining run, a .keras MAE/LC-MAE model, "
-                        "or 'random' (a fresh encoder of --model: the baseline).")
+    flags.DEFINE_string(
+        "encoder",
+        d["encoder"],
+        "encoder.keras of a pretraining run, a .keras MAE/LC-MAE model, "
+        "or 'random' (a fresh encoder of --model: the baseline).",
+    )
     flags.DEFINE_string("model", d["model"], "Encoder preset for --encoder=random.")
-    flags.DEFINE_string("architecture_of", None, "With --encoder=random: copy the architecture (not the weights) "
-                        "of this encoder.keras, so that the baseline matches a pretrained encoder exactly.")
+    flags.DEFINE_string(
+        "architecture_of",
+        None,
+        "With --encoder=random: copy the architecture (not the weights) "
+        "of this encoder.keras, so that the baseline matches a pretrained encoder exactly.",
+    )
     flags.DEFINE_integer("hidden_dim", None, "Override the preset's width (--encoder=random).", lower_bound=1)
     flags.DEFINE_integer("depth", None, "Override the preset's depth (--encoder=random).", lower_bound=1)
     flags.DEFINE_integer("num_heads", None, "Override the preset's heads (--encoder=random).", lower_bound=1)
-    flags.DEFINE_integer("image_size", d["image_size"], "Input side in pixels (must match the encoder).",
-                         lower_bound=1)
-    flags.DEFINE_integer("patch_size", d["patch_size"], lower_bound=1, help="Patch side for --encoder=random (default: the --model "
-                         "preset's: 14 for vit_huge, else 16).")
-    flags.DEFINE_integer("num_channels", None, "Image channels (default: 1 for fashion_mnist, else 3).",
-                         lower_bound=1)
-    flags.DEFINE_integer("num_classes", None, lower_bound=2, help="Classes of the head (default: read from the data; checked against "
-                         "it; needed for TFRecords).")
+    flags.DEFINE_integer("image_size", d["image_size"], "Input side in pixels (must match the encoder).", lower_bound=1)
+    flags.DEFINE_integer(
+        "patch_size",
+        d["patch_size"],
+        lower_bound=1,
+        help="Patch side for --encoder=random (default: the --model preset's: 14 for vit_huge, else 16).",
+    )
+    flags.DEFINE_integer("num_channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
+    flags.DEFINE_integer(
+        "num_classes",
+        None,
+        lower_bound=2,
+        help="Classes of the head (default: read from the data; checked against it; needed for TFRecords).",
+    )
     flags.DEFINE_enum("pool", d["pool"], ["cls", "avg"], "Features: the [CLS] token or the mean patch token.")
     flags.DEFINE_integer("train_limit", None, "Use only the first N training images (quick runs).", lower_bound=1)
-    flags.DEFINE_integer("val_limit", None, "Evaluate on the first N validation images only (quick runs).",
-                         lower_bound=1)
+    flags.DEFINE_integer(
+        "val_limit", None, "Evaluate on the first N validation images only (quick runs).", lower_bound=1
+    )
     define_alias("channels", "num_channels")
     define_run_flags(d)
 
@@ -408,9 +482,16 @@ def lr_schedule(run, num_images):
     lr = optim.scaled_lr(FLAGS.blr, FLAGS.batch_size)
     total = steps * FLAGS.epochs
     warmup = min(int(round(FLAGS.warmup_epochs * steps)), total)
-    derived = dict(lr=lr, steps_per_epoch=steps, total_steps=total, warmup_steps=warmup, images=num_images,
-                   **run.plan.as_dict(), per_replica_batch=run.plan.per_device_micro_batch,
-                   freed_memory_kept=run.freed_memory_kept)
+    derived = dict(
+        lr=lr,
+        steps_per_epoch=steps,
+        total_steps=total,
+        warmup_steps=warmup,
+        images=num_images,
+        **run.plan.as_dict(),
+        per_replica_batch=run.plan.per_device_micro_batch,
+        freed_memory_kept=run.freed_memory_kept,
+    )
     if note:
         derived["note"] = note
     return steps, optim.WarmupCosine(lr, warmup, total, FLAGS.min_lr), derived
@@ -425,7 +506,9 @@ def memory_plan(run, model, job=None):
 
     try:
         estimate = memory.estimate_training_memory(
-            model, run.plan.per_device_micro_batch, accum_steps=run.plan.accum_steps,
+            model,
+            run.plan.per_device_micro_batch,
+            accum_steps=run.plan.accum_steps,
             **({"job": job} if job else {}),
         )
     except ValueError as e:  # a model the estimate does not know: plan without it
@@ -439,7 +522,9 @@ def memory_plan(run, model, job=None):
             logging.warning(
                 "the estimated memory of one micro-batch per device, %.1f GB, does not fit --device_memory_gb=%g: "
                 "raise --accum_steps (now %d) or the number of devices, or lower --batch_size.",
-                estimate["total"] / 1e9, FLAGS.device_memory_gb, FLAGS.accum_steps,
+                estimate["total"] / 1e9,
+                FLAGS.device_memory_gb,
+                FLAGS.accum_steps,
             )
     return out
 
@@ -467,8 +552,17 @@ def run_callbacks(run, schedule, total_steps, before=(), after=()):
     folder, micro-batch, accumulation, ``--backup_every`` and ``--log_every``."""
     from keras_lcmae.callbacks import training_callbacks
 
-    return training_callbacks(run.output_dir, schedule, run.plan.global_micro_batch, total_steps, FLAGS.backup_every,
-                              run.plan.accum_steps, FLAGS.log_every, before, after)
+    return training_callbacks(
+        run.output_dir,
+        schedule,
+        run.plan.global_micro_batch,
+        total_steps,
+        FLAGS.backup_every,
+        run.plan.accum_steps,
+        FLAGS.log_every,
+        before,
+        after,
+    )
 
 
 def fit(run, model, dataset, updates_per_epoch, callbacks, on_divergence=None, **kwargs):
@@ -481,9 +575,14 @@ def fit(run, model, dataset, updates_per_epoch, callbacks, on_divergence=None, *
     from keras_lcmae.distribute import prepare_fit
     from keras_lcmae.training import fit_verbosity
 
-    history = prepare_fit(model).fit(dataset, epochs=FLAGS.epochs,
-                                     steps_per_epoch=updates_per_epoch * run.plan.accum_steps,
-                                     callbacks=callbacks, verbose=fit_verbosity(), **kwargs)
+    history = prepare_fit(model).fit(
+        dataset,
+        epochs=FLAGS.epochs,
+        steps_per_epoch=updates_per_epoch * run.plan.accum_steps,
+        callbacks=callbacks,
+        verbose=fit_verbosity(),
+        **kwargs,
+    )
     guard = next(c for c in callbacks if isinstance(c, DivergenceGuard))
     if guard.diverged:
         saved = on_divergence() if on_divergence else "nothing was written from the diverged weights"
@@ -594,8 +693,10 @@ def log_hparams(run, final=None):
 
 
 def is_tfrecord_pattern(value):
-    return "*" in value or "tfrecord" in os.path.basename(value).lower() or (
-        os.path.isfile(value) and not value.endswith(".keras")
+    return (
+        "*" in value
+        or "tfrecord" in os.path.basename(value).lower()
+        or (os.path.isfile(value) and not value.endswith(".keras"))
     )
 
 
@@ -629,8 +730,11 @@ def _tfrecord_splits(channels):
         raise
     except ValueError as e:
         raise ValueError(f"--val_data={FLAGS.val_data}: {e}") from None
-    n_train = FLAGS.train_limit if FLAGS.train_limit else (
-        None if FLAGS.steps_per_epoch else data.count_tfrecords(FLAGS.data))
+    n_train = (
+        FLAGS.train_limit
+        if FLAGS.train_limit
+        else (None if FLAGS.steps_per_epoch else data.count_tfrecords(FLAGS.data))
+    )
     if FLAGS.train_limit:
         train = train.take(FLAGS.train_limit)
     if FLAGS.val_limit:
@@ -652,7 +756,9 @@ def labelled_data():
             channels = channels or 1
             sources = []
             for split in ("train", "test"):
-                images, labels = data.load_fashion_mnist(split, limit=FLAGS.train_limit if split == "train" else FLAGS.val_limit)
+                images, labels = data.load_fashion_mnist(
+                    split, limit=FLAGS.train_limit if split == "train" else FLAGS.val_limit
+                )
                 images = images[..., None] if channels == 1 else np.repeat(images[..., None], channels, -1)
                 sources.append((data.array_dataset(images, labels), len(images), labels))
             mean, std = data.FASHION_MNIST_MEAN * channels, data.FASHION_MNIST_STD * channels
@@ -684,16 +790,21 @@ def labelled_data():
             folders = [os.path.join(FLAGS.data, s) for s in ("train", "val")]
             for f in folders:
                 if not os.path.isdir(f):
-                    raise ValueError(f"--data: {FLAGS.data!r} needs train/ and val/ sub-folders of class folders; "
-                                     f"{f!r} is missing.")
+                    raise ValueError(
+                        f"--data: {FLAGS.data!r} needs train/ and val/ sub-folders of class folders; {f!r} is missing."
+                    )
                 if not any(os.path.isdir(os.path.join(f, e)) for e in os.listdir(f)):
-                    raise ValueError(f"--data: labels are missing: {f!r} holds no class sub-folders (one folder "
-                                     f"of images per class is how labels are given).")
+                    raise ValueError(
+                        f"--data: labels are missing: {f!r} holds no class sub-folders (one folder "
+                        f"of images per class is how labels are given)."
+                    )
             train, train_classes, _, n_train = data.image_folder_dataset(folders[0], channels=channels)
             val, val_classes, _, _ = data.image_folder_dataset(folders[1], channels=channels)
             if not train_classes or list(val_classes) != list(train_classes):
-                raise ValueError(f"--data: train/ and val/ must hold the same class folders (labels); got "
-                                 f"{list(train_classes)[:5]}... and {list(val_classes)[:5]}...")
+                raise ValueError(
+                    f"--data: train/ and val/ must hold the same class folders (labels); got "
+                    f"{list(train_classes)[:5]}... and {list(val_classes)[:5]}..."
+                )
             num_classes = len(train_classes)
             if FLAGS.train_limit:
                 train, n_train = train.take(FLAGS.train_limit), min(n_train, FLAGS.train_limit)
@@ -752,24 +863,31 @@ def build_encoder(channels, drop_path_rate=None):
     from keras_lcmae.errors import ArgumentError
 
     if FLAGS.encoder == "random" and FLAGS.architecture_of:
-        template = load_encoder_or_fail(FLAGS.architecture_of, "--architecture_of", image_size=FLAGS.image_size,
-                                        num_channels=channels)
+        template = load_encoder_or_fail(
+            FLAGS.architecture_of, "--architecture_of", image_size=FLAGS.image_size, num_channels=channels
+        )
         # from_config builds the same architecture with freshly initialised weights
         return ViTEncoder.from_config(dict(template.get_config(), drop_path_rate=drop_path_rate or 0.0, trainable=True))
     if FLAGS.encoder == "random":
         try:
             with arguments_from(name="model"):
                 return ViTEncoder.from_preset(
-                    FLAGS.model, image_size=FLAGS.image_size, patch_size=FLAGS.patch_size, num_channels=channels,
-                    hidden_dim=FLAGS.hidden_dim, depth=FLAGS.depth, num_heads=FLAGS.num_heads,
+                    FLAGS.model,
+                    image_size=FLAGS.image_size,
+                    patch_size=FLAGS.patch_size,
+                    num_channels=channels,
+                    hidden_dim=FLAGS.hidden_dim,
+                    depth=FLAGS.depth,
+                    num_heads=FLAGS.num_heads,
                     drop_path_rate=drop_path_rate or 0.0,
                 )
         except ArgumentError:
             raise
         except ValueError as e:
             raise app.UsageError(flag_message("--model", FLAGS.model, e)) from None
-    return load_encoder_or_fail(FLAGS.encoder, "--encoder", image_size=FLAGS.image_size, num_channels=channels,
-                                drop_path_rate=drop_path_rate)
+    return load_encoder_or_fail(
+        FLAGS.encoder, "--encoder", image_size=FLAGS.image_size, num_channels=channels, drop_path_rate=drop_path_rate
+    )
 
 
 def check_labels(labels, num_classes, where):

@@ -51,8 +51,13 @@ def main(argv):
     out = FLAGS.output_dir
     seed = f"--seed={FLAGS.seed}"
     start = time.time()
-    pretrain = run("pretrain.py", f"--flagfile={os.path.join(CONFIGS, 'demo_cpu.flags')}",
-                   f"--output_dir={os.path.join(out, 'pretrain')}", seed, *FLAGS.pretrain_flag)
+    pretrain = run(
+        "pretrain.py",
+        f"--flagfile={os.path.join(CONFIGS, 'demo_cpu.flags')}",
+        f"--output_dir={os.path.join(out, 'pretrain')}",
+        seed,
+        *FLAGS.pretrain_flag,
+    )
     encoder = pretrain["encoder"]
     results = {"pretrain_seconds": pretrain["seconds"], "pretrain_loss": pretrain["loss"]}
     protocols = [("linprobe", "linprobe.py", "linprobe_demo_cpu.flags")]
@@ -60,8 +65,13 @@ def main(argv):
         protocols.append(("finetune", "finetune.py", "finetune_demo_cpu.flags"))
     for name, script, config in protocols:
         for tag, enc in (("", encoder), ("random_", f"random --architecture_of={encoder}")):
-            r = run(script, f"--flagfile={os.path.join(CONFIGS, config)}", *f"--encoder={enc}".split(),
-                    f"--output_dir={os.path.join(out, tag + name)}", seed)
+            r = run(
+                script,
+                f"--flagfile={os.path.join(CONFIGS, config)}",
+                *f"--encoder={enc}".split(),
+                f"--output_dir={os.path.join(out, tag + name)}",
+                seed,
+            )
             results[f"{tag}{name}_top1"] = r["top1"]
         results[f"{name}_gain"] = round(results[f"{name}_top1"] - results[f"random_{name}_top1"], 4)
     results["seconds"] = round(time.time() - start, 1)

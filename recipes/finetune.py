@@ -27,17 +27,32 @@ from absl import app, flags
 from recipes import common
 
 FLAGS = flags.FLAGS
-common.define_eval_flags(dict(batch_size=1024, epochs=100, blr=5e-4, warmup_epochs=5, weight_decay=0.05,
-                              pool="avg", output_dir="runs/finetune"))
-flags.DEFINE_float("layer_decay", 0.65, "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).",
-                   lower_bound=0, upper_bound=1)
+common.define_eval_flags(
+    dict(
+        batch_size=1024,
+        epochs=100,
+        blr=5e-4,
+        warmup_epochs=5,
+        weight_decay=0.05,
+        pool="avg",
+        output_dir="runs/finetune",
+    )
+)
+flags.DEFINE_float(
+    "layer_decay",
+    0.65,
+    "Layer-wise lr decay (official ViT-B: 0.65; script default 0.75).",
+    lower_bound=0,
+    upper_bound=1,
+)
 flags.DEFINE_float("drop_path_rate", 0.1, "Stochastic depth rate of the last block.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("smoothing", 0.1, "Label smoothing.", lower_bound=0, upper_bound=1)
 flags.DEFINE_float("mixup_alpha", 0.8, "Mixup alpha (0: off).", lower_bound=0)
 flags.DEFINE_float("cutmix_alpha", 1.0, "CutMix alpha (0: off).", lower_bound=0)
 flags.DEFINE_float("reprob", 0.25, "Random erasing probability.", lower_bound=0, upper_bound=1)
-flags.DEFINE_float("crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).",
-                   lower_bound=0, upper_bound=1)
+flags.DEFINE_float(
+    "crop_min_scale", 0.08, "Smallest area fraction of RandomResizedCrop (official 0.08).", lower_bound=0, upper_bound=1
+)
 flags.DEFINE_float("randaug_magnitude", 9, "RandAugment magnitude on timm's 0-10 scale (0: off).", lower_bound=0)
 flags.DEFINE_float("randaug_mstd", 0.5, "Spread of the RandAugment magnitude (timm's mstd).", lower_bound=0)
 # The names of a former release, kept for one more: each warns and sets the flag that replaces it.
@@ -55,15 +70,21 @@ def train_dataset(source, num_classes, mean, std, batch_size):
 
     from keras_lcmae import data
 
-    crop = data.pretrain_transform(FLAGS.image_size, (0.0,) * len(mean), (1 / 255.0,) * len(mean),
-                                   (FLAGS.crop_min_scale, 1.0))
+    crop = data.pretrain_transform(
+        FLAGS.image_size, (0.0,) * len(mean), (1 / 255.0,) * len(mean), (FLAGS.crop_min_scale, 1.0)
+    )
     layers = []
     if FLAGS.randaug_magnitude > 0:
         # Keras draws the magnitude uniformly in `factor`; this range has timm's mean m/10 and std mstd/10.
-        m, half = FLAGS.randaug_magnitude / 10, FLAGS.randaug_mstd / 10 * 3 ** 0.5
-        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=2,
-                                               factor=(max(m - half, 0.0), min(m + half, 1.0)), seed=FLAGS.seed))
-    erase = keras.layers.RandomErasing(factor=FLAGS.reprob, value_range=(0, 255), seed=FLAGS.seed) if FLAGS.reprob else None
+        m, half = FLAGS.randaug_magnitude / 10, FLAGS.randaug_mstd / 10 * 3**0.5
+        layers.append(
+            keras.layers.RandAugment(
+                value_range=(0, 255), num_ops=2, factor=(max(m - half, 0.0), min(m + half, 1.0)), seed=FLAGS.seed
+            )
+        )
+    erase = (
+        keras.layers.RandomErasing(factor=FLAGS.reprob, value_range=(0, 255), seed=FLAGS.seed) if FLAGS.reprob else None
+    )
     ds = source.shuffle(10_000, seed=FLAGS.seed, reshuffle_each_iteration=True).repeat()
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
     channels = len(mean)
@@ -84,8 +105,9 @@ def train_dataset(source, num_classes, mean, std, batch_size):
     def mix(batch, index):
         images, labels = batch
         seed = tf.stack([tf.cast(FLAGS.seed + 1, tf.int64), index])
-        return data.mixup_cutmix(images, labels, num_classes, FLAGS.mixup_alpha, FLAGS.cutmix_alpha, smoothing=FLAGS.smoothing,
-                                 seed=seed)
+        return data.mixup_cutmix(
+            images, labels, num_classes, FLAGS.mixup_alpha, FLAGS.cutmix_alpha, smoothing=FLAGS.smoothing, seed=seed
+        )
 
     return ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -109,11 +131,14 @@ def main(argv):
         encoder = common.build_encoder(channels, drop_path_rate=FLAGS.drop_path_rate)
         model = ViTClassifier(encoder, num_classes, pool=FLAGS.pool)
         model.compile(
-            optimizer=finetune_adamw(model, schedule, FLAGS.weight_decay, FLAGS.layer_decay,
-                                     accum_steps=run.plan.accum_steps),
+            optimizer=finetune_adamw(
+                model, schedule, FLAGS.weight_decay, FLAGS.layer_decay, accum_steps=run.plan.accum_steps
+            ),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.CategoricalAccuracy(name="top1"),
-                     keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
+            metrics=[
+                keras.metrics.CategoricalAccuracy(name="top1"),
+                keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+            ],
             jit_compile=common.jit_compile(),
         )
     common.write_run_files(run, model.get_config(), derived)
@@ -122,20 +147,27 @@ def main(argv):
         print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
         return
     train = train_dataset(train_src, num_classes, mean, std, run.plan.global_micro_batch)
-    val = data.labelled_dataset(val_src, min(run.plan.global_micro_batch, 512), FLAGS.image_size, mean, std,
-                                train=False, crop_pct=crop_pct).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    val = data.labelled_dataset(
+        val_src, min(run.plan.global_micro_batch, 512), FLAGS.image_size, mean, std, train=False, crop_pct=crop_pct
+    ).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
     best = os.path.join(run.output_dir, "best.keras")
-    callbacks = common.run_callbacks(run, schedule, derived["total_steps"],
-                                     after=[BestCheckpoint(best, monitor="val_top1", mode="max")])
+    callbacks = common.run_callbacks(
+        run, schedule, derived["total_steps"], after=[BestCheckpoint(best, monitor="val_top1", mode="max")]
+    )
     start = time.time()
     history = common.fit(run, model, train, steps, callbacks, validation_data=val)
     model.save(os.path.join(run.output_dir, "last.keras"))  # the final weights (best.keras: the best epoch's)
     h = history.history
     final = dict(
-        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]), loss=float(h["loss"][-1]),
+        top1=float(h["val_top1"][-1]),
+        top5=float(h["val_top5"][-1]),
+        loss=float(h["loss"][-1]),
         best_top1=float(np.max(h["val_top1"])),
-        epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
-        encoder=FLAGS.encoder, best_checkpoint=best,
+        epochs_run=len(h["loss"]),
+        steps=common.updates_done(model),
+        seconds=round(time.time() - start, 1),
+        encoder=FLAGS.encoder,
+        best_checkpoint=best,
     )
     common.report(run, final, h, derived)
 

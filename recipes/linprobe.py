@@ -28,8 +28,11 @@ from absl import flags
 from recipes import common
 
 FLAGS = flags.FLAGS
-common.define_eval_flags(dict(batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0,
-                              pool="cls", output_dir="runs/linprobe"))
+common.define_eval_flags(
+    dict(
+        batch_size=16384, epochs=90, blr=0.1, warmup_epochs=10, weight_decay=0.0, pool="cls", output_dir="runs/linprobe"
+    )
+)
 flags.DEFINE_bool("cache_features", False, "Train the head on features computed once (no crop augmentation).")
 common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
@@ -63,11 +66,14 @@ def main(argv):
     steps, schedule, derived = common.lr_schedule(run, n_train)
     derived.update(num_classes=num_classes, encoder=FLAGS.encoder)
     micro = run.plan.global_micro_batch
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="top1"),
-               keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5")]
+    metrics = [
+        keras.metrics.SparseCategoricalAccuracy(name="top1"),
+        keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+    ]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    eval_batches = data.labelled_dataset(val_src, min(micro, 1024), FLAGS.image_size, mean, std, train=False,
-                                         crop_pct=crop_pct)
+    eval_batches = data.labelled_dataset(
+        val_src, min(micro, 1024), FLAGS.image_size, mean, std, train=False, crop_pct=crop_pct
+    )
 
     def optimizer():
         return LARS(schedule, weight_decay=FLAGS.weight_decay, accum_steps=run.plan.accum_steps)
@@ -84,8 +90,13 @@ def main(argv):
             model.compile(optimizer=optimizer(), loss=loss, metrics=metrics, jit_compile=common.jit_compile())
     common.write_run_files(run, model.get_config(), derived)
     trainable = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
-    plan = common.print_plan(run, derived, encoder if FLAGS.cache_features else model,
-                             "linprobe" if FLAGS.cache_features else None, params=dict(trainable_params=trainable))
+    plan = common.print_plan(
+        run,
+        derived,
+        encoder if FLAGS.cache_features else model,
+        "linprobe" if FLAGS.cache_features else None,
+        params=dict(trainable_params=trainable),
+    )
     if FLAGS.dry_run:
         print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
         return
@@ -103,29 +114,39 @@ def main(argv):
             while True:
                 order = rng.permutation(len(x_train))
                 for i in range(0, len(order) - micro + 1, micro):
-                    idx = order[i:i + micro]
+                    idx = order[i : i + micro]
                     yield x_train[idx], y_train[idx]
 
         train_ds = tf.data.Dataset.from_generator(
-            batches, output_signature=(tf.TensorSpec((micro, x_train.shape[1]), tf.float32),
-                                       tf.TensorSpec((micro,), tf.int32)))
+            batches,
+            output_signature=(tf.TensorSpec((micro, x_train.shape[1]), tf.float32), tf.TensorSpec((micro,), tf.int32)),
+        )
         val_ds = (x_val, y_val)
     else:
         train_ds = data.labelled_dataset(train_src, micro, FLAGS.image_size, mean, std, train=True, seed=FLAGS.seed)
         val_ds = eval_batches
     best = os.path.join(run.output_dir, "best.keras")
-    callbacks = common.run_callbacks(run, schedule, derived["total_steps"],
-                                     after=[BestCheckpoint(best, monitor="val_top1", mode="max")])
+    callbacks = common.run_callbacks(
+        run, schedule, derived["total_steps"], after=[BestCheckpoint(best, monitor="val_top1", mode="max")]
+    )
     history = common.fit(run, model, train_ds, steps, callbacks, validation_data=val_ds)
     model.save(os.path.join(run.output_dir, "last.keras"))  # the final weights (best.keras: the best epoch's)
     h = history.history
     if not all(np.array_equal(a, b) for a, b in zip(before, encoder.get_weights())):
         raise RuntimeError("the encoder changed during linear probing")  # a frozen encoder must stay frozen
     final = dict(
-        top1=float(h["val_top1"][-1]), top5=float(h["val_top5"][-1]), loss=float(h["loss"][-1]),
-        best_top1=float(max(h["val_top1"])), train_top1=float(h["top1"][-1]),
-        epochs_run=len(h["loss"]), steps=common.updates_done(model), seconds=round(time.time() - start, 1),
-        encoder=FLAGS.encoder, cache_features=FLAGS.cache_features, pool=FLAGS.pool, best_checkpoint=best,
+        top1=float(h["val_top1"][-1]),
+        top5=float(h["val_top5"][-1]),
+        loss=float(h["loss"][-1]),
+        best_top1=float(max(h["val_top1"])),
+        train_top1=float(h["top1"][-1]),
+        epochs_run=len(h["loss"]),
+        steps=common.updates_done(model),
+        seconds=round(time.time() - start, 1),
+        encoder=FLAGS.encoder,
+        cache_features=FLAGS.cache_features,
+        pool=FLAGS.pool,
+        best_checkpoint=best,
     )
     common.report(run, final, h, derived)
 

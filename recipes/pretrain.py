@@ -27,61 +27,123 @@ from recipes import common
 
 FLAGS = flags.FLAGS
 SETTINGS = tuple("abcdefg")  # the keys of keras_lcmae.models.SETTINGS (parsing the flags imports no Keras)
-flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob.")
+flags.DEFINE_string(
+    "data", "fashion_mnist", "fashion_mnist (offline demo), an image folder, tfds:NAME, or a TFRecord glob."
+)
 flags.DEFINE_integer("image_size", 224, "Input side in pixels.", lower_bound=1)
-flags.DEFINE_integer("patch_size", None, lower_bound=1, help="Patch side in pixels (default: the --model preset's: 14 for vit_huge, "
-                     "as official MAE's ViT-H/14, else 16).")
+flags.DEFINE_integer(
+    "patch_size",
+    None,
+    lower_bound=1,
+    help="Patch side in pixels (default: the --model preset's: 14 for vit_huge, as official MAE's ViT-H/14, else 16).",
+)
 flags.DEFINE_integer("num_channels", None, "Image channels (default: 1 for fashion_mnist, else 3).", lower_bound=1)
-flags.DEFINE_string("model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge.")
+flags.DEFINE_string(
+    "model", "vit_base", "Encoder preset: vit_test, vit_tiny, vit_small, vit_base, vit_large, vit_huge."
+)
 flags.DEFINE_integer("hidden_dim", None, "Override the preset's width.", lower_bound=1)
 flags.DEFINE_integer("depth", None, "Override the preset's depth.", lower_bound=1)
 flags.DEFINE_integer("num_heads", None, "Override the preset's heads.", lower_bound=1)
-flags.DEFINE_enum("method", "lcmae", ["mae", "lcmae", "ae"],
-                  "Pretraining method; ae = AutoEncoder(k), no masking (LC-MAE paper Table 3, see --block_size).")
-flags.DEFINE_integer("block_size", None, lower_bound=1, help="--method=ae: side k in pixels of the block each token predicts "
-                     "(default: --patch_size; k >= patch_size, k - patch_size even).")
+flags.DEFINE_enum(
+    "method",
+    "lcmae",
+    ["mae", "lcmae", "ae"],
+    "Pretraining method; ae = AutoEncoder(k), no masking (LC-MAE paper Table 3, see --block_size).",
+)
+flags.DEFINE_integer(
+    "block_size",
+    None,
+    lower_bound=1,
+    help="--method=ae: side k in pixels of the block each token predicts "
+    "(default: --patch_size; k >= patch_size, k - patch_size even).",
+)
 flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.", lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("norm_pix_loss", True, "Reconstruct per-patch normalised pixels.")
-flags.DEFINE_string("loss_weights", "a", "LC-MAE's loss_weights: a setting a-g of Table 1 of the paper, or three "
-                    "comma-separated non-negative numbers w_mae,w_cross,w_in (not all zero).")
-flags.register_validator("loss_weights", lambda v: parse_loss_weights(v) is not None,
-                         "must be one of the LC-MAE settings a-g (Table 1 of the paper) or three comma-separated "
-                         "non-negative numbers w_mae,w_cross,w_in, not all zero")
+flags.DEFINE_string(
+    "loss_weights",
+    "a",
+    "LC-MAE's loss_weights: a setting a-g of Table 1 of the paper, or three "
+    "comma-separated non-negative numbers w_mae,w_cross,w_in (not all zero).",
+)
+flags.register_validator(
+    "loss_weights",
+    lambda v: parse_loss_weights(v) is not None,
+    "must be one of the LC-MAE settings a-g (Table 1 of the paper) or three comma-separated "
+    "non-negative numbers w_mae,w_cross,w_in, not all zero",
+)
 flags.DEFINE_integer("decoder_depth", 8, "Decoder blocks (LC-MAE paper: 2).", lower_bound=1)
 flags.DEFINE_integer("decoder_hidden_dim", 512, "Decoder width.", lower_bound=1)
 flags.DEFINE_integer("decoder_num_heads", 16, "Decoder heads.", lower_bound=1)
-flags.DEFINE_enum("decoder", "transformer", ["transformer", "gaussian", "conv"],
-                  "Decoder (LC-MAE paper Table 2): transformer, gaussian weighted average + MLP, or one conv layer.")
-flags.DEFINE_integer("decoder_kernel_size", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).",
-                     lower_bound=1)
+flags.DEFINE_enum(
+    "decoder",
+    "transformer",
+    ["transformer", "gaussian", "conv"],
+    "Decoder (LC-MAE paper Table 2): transformer, gaussian weighted average + MLP, or one conv layer.",
+)
+flags.DEFINE_integer("decoder_kernel_size", 5, "--decoder=conv: kernel size in patches (odd; paper: 5).", lower_bound=1)
 flags.DEFINE_float("decoder_sigma", 1.0, "--decoder=gaussian: Gaussian std in patches (paper: 1).", lower_bound=0)
 flags.DEFINE_integer("projector_dim", 1024, "LC-MAE projector width.", lower_bound=1)
 flags.DEFINE_enum("projector_input", "pred", ["pred", "hidden"], "What the projector reads.")
-flags.DEFINE_enum("masking", "random", ["random", "self_guided"],
-                  "random (official MAE) or self_guided (Self-guided MAE informed masks; MAE and LC-MAE).")
-flags.DEFINE_integer("informed_start_epoch", 0, lower_bound=0, help="--masking=self_guided: first epoch (0-based) with informed masks.")
-flags.DEFINE_float("hint_ratio", 0.05, lower_bound=0, upper_bound=1, help="--masking=self_guided: fraction of the masked patches given back as hints.")
+flags.DEFINE_enum(
+    "masking",
+    "random",
+    ["random", "self_guided"],
+    "random (official MAE) or self_guided (Self-guided MAE informed masks; MAE and LC-MAE).",
+)
+flags.DEFINE_integer(
+    "informed_start_epoch", 0, lower_bound=0, help="--masking=self_guided: first epoch (0-based) with informed masks."
+)
+flags.DEFINE_float(
+    "hint_ratio",
+    0.05,
+    lower_bound=0,
+    upper_bound=1,
+    help="--masking=self_guided: fraction of the masked patches given back as hints.",
+)
 flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block index (-1: last) or 'decoder'.")
-common.define_run_flags(dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
-                             output_dir="runs/pretrain"))
+common.define_run_flags(
+    dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, output_dir="runs/pretrain")
+)
 flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.", lower_bound=1)
-flags.DEFINE_integer("monitor_every", 1, lower_bound=0, help="Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).")
+flags.DEFINE_integer(
+    "monitor_every",
+    1,
+    lower_bound=0,
+    help="Epochs between the kNN and linear-probe monitors (0: off; fashion_mnist only).",
+)
 flags.DEFINE_enum("monitor_pool", "cls", ["cls", "avg"], "Monitor features: [CLS] token or mean patch token.")
 flags.DEFINE_integer("monitor_bank", 5000, "Labelled training images the monitors fit on.", lower_bound=1)
 flags.DEFINE_integer("monitor_queries", 2000, "Held-out (test split) images the monitors score.", lower_bound=1)
-flags.DEFINE_integer("online_probe_every", 1, lower_bound=0, help="Steps between online linear-probe steps (0: no online probe; "
-                     "fashion_mnist with --monitor_every only).")
+flags.DEFINE_integer(
+    "online_probe_every",
+    1,
+    lower_bound=0,
+    help="Steps between online linear-probe steps (0: no online probe; fashion_mnist with --monitor_every only).",
+)
 # The names of a former release, kept for one more: each warns and sets the flag that replaces it.
-for old, new in (("channels", "num_channels"), ("decoder_width", "decoder_hidden_dim"),
-                 ("decoder_heads", "decoder_num_heads"), ("decoder_kernel", "decoder_kernel_size"),
-                 ("gaussian_sigma", "decoder_sigma"), ("setting", "loss_weights")):
+for old, new in (
+    ("channels", "num_channels"),
+    ("decoder_width", "decoder_hidden_dim"),
+    ("decoder_heads", "decoder_num_heads"),
+    ("decoder_kernel", "decoder_kernel_size"),
+    ("gaussian_sigma", "decoder_sigma"),
+    ("setting", "loss_weights"),
+):
     common.define_alias(old, new)
-flags.register_validator("setting", lambda v: v is None or v.strip().strip("()").lower() in SETTINGS,
-                         "must be one of the LC-MAE settings a-g (Table 1 of the paper)")
+flags.register_validator(
+    "setting",
+    lambda v: v is None or v.strip().strip("()").lower() in SETTINGS,
+    "must be one of the LC-MAE settings a-g (Table 1 of the paper)",
+)
 # --w_*: the weight of one loss term, replacing that of the --loss_weights row (read by loss_weights_from_flags)
 for term, loss in (("mae", "L_MAE"), ("cross", "L_cross"), ("in", "L_in")):
-    flags.DEFINE_float(f"w_{term}", None, f"Deprecated: use --loss_weights=w_mae,w_cross,w_in. The {loss} weight, "
-                       "replacing the one of the --loss_weights row.", lower_bound=0)
+    flags.DEFINE_float(
+        f"w_{term}",
+        None,
+        f"Deprecated: use --loss_weights=w_mae,w_cross,w_in. The {loss} weight, "
+        "replacing the one of the --loss_weights row.",
+        lower_bound=0,
+    )
     common.define_alias(f"w_{term}", "loss_weights", copy=False)
 common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
@@ -146,7 +208,9 @@ def build_dataset(batch_size):
             source = data.tfrecord_dataset(FLAGS.data, channels=channels, skipped=skipped)
             n = None if FLAGS.steps_per_epoch else data.count_tfrecords(FLAGS.data)
         else:
-            raise app.UsageError(f"--data: {FLAGS.data!r} is not fashion_mnist, a folder, tfds:NAME or a TFRecord glob.")
+            raise app.UsageError(
+                f"--data: {FLAGS.data!r} is not fashion_mnist, a folder, tfds:NAME or a TFRecord glob."
+            )
     ds = data.batched_pretrain_dataset(source, batch_size, FLAGS.image_size, mean, std, seed=FLAGS.seed)
     return ds, n, channels, mean, std, skipped
 
@@ -182,13 +246,22 @@ def build_model(channels):
         return AutoEncoder(encoder, decoder, block_size=FLAGS.block_size, norm_pix_loss=FLAGS.norm_pix_loss)
     masking = RandomMasking()
     if FLAGS.masking == "self_guided":
-        masking = SelfGuidedMasking(informed_start_epoch=FLAGS.informed_start_epoch, hint_ratio=FLAGS.hint_ratio,
-                                    guide_layer=parse_guide_layer(FLAGS.guide_layer))
+        masking = SelfGuidedMasking(
+            informed_start_epoch=FLAGS.informed_start_epoch,
+            hint_ratio=FLAGS.hint_ratio,
+            guide_layer=parse_guide_layer(FLAGS.guide_layer),
+        )
     shared = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed, masking=masking)
     if FLAGS.method == "mae":
         return MAE(encoder, decoder, **shared)
-    return LCMAE(encoder, decoder, projector_dim=FLAGS.projector_dim, loss_weights=loss_weights_from_flags(),
-                 projector_input=FLAGS.projector_input, **shared)
+    return LCMAE(
+        encoder,
+        decoder,
+        projector_dim=FLAGS.projector_dim,
+        loss_weights=loss_weights_from_flags(),
+        projector_input=FLAGS.projector_input,
+        **shared,
+    )
 
 
 def build_monitors(channels, mean, std):
@@ -205,17 +278,21 @@ def build_monitors(channels, mean, std):
     for split, limit in (("train", FLAGS.monitor_bank), ("test", FLAGS.monitor_queries)):
         images, labels = data.load_fashion_mnist(split, limit=limit)
         images = images[..., None] if channels == 1 else np.repeat(images[..., None], channels, -1)
-        ds = data.labelled_dataset(data.array_dataset(images, labels), 1024, FLAGS.image_size, mean, std,
-                                   train=False, crop_pct=1.0)
+        ds = data.labelled_dataset(
+            data.array_dataset(images, labels), 1024, FLAGS.image_size, mean, std, train=False, crop_pct=1.0
+        )
         batches = [(x.numpy(), y.numpy()) for x, y in ds]
         splits += [np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])]
     every = FLAGS.monitor_every
     pool = FLAGS.monitor_pool
-    monitors = [KNNMonitor(*splits, num_classes=10, every=every, pool=pool),
-                LinearProbeMonitor(*splits, num_classes=10, every=every, pool=pool)]
+    monitors = [
+        KNNMonitor(*splits, num_classes=10, every=every, pool=pool),
+        LinearProbeMonitor(*splits, num_classes=10, every=every, pool=pool),
+    ]
     if FLAGS.online_probe_every:
-        monitors.insert(0, OnlineLinearProbe(*splits, num_classes=10, pool=pool, every=FLAGS.online_probe_every,
-                                             seed=FLAGS.seed))
+        monitors.insert(
+            0, OnlineLinearProbe(*splits, num_classes=10, pool=pool, every=FLAGS.online_probe_every, seed=FLAGS.seed)
+        )
     return monitors
 
 
@@ -344,11 +421,15 @@ def main(argv):
     derived["patch_size"] = FLAGS.patch_size
     with run.scope():
         model = build_model(channels)
-        model.compile(optimizer=optim.adamw(model, schedule, FLAGS.weight_decay, accum_steps=run.plan.accum_steps),
-                      jit_compile=common.jit_compile())
+        model.compile(
+            optimizer=optim.adamw(model, schedule, FLAGS.weight_decay, accum_steps=run.plan.accum_steps),
+            jit_compile=common.jit_compile(),
+        )
     common.write_run_files(run, model.get_config(), derived)
-    params = dict(encoder_params=int(model.encoder.count_params()),
-                  model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)))
+    params = dict(
+        encoder_params=int(model.encoder.count_params()),
+        model_params=int(sum(int(np.prod(w.shape)) for w in model.trainable_weights)),
+    )
     plan = common.print_plan(run, derived, model, params=params)
     if FLAGS.dry_run:
         print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
@@ -356,9 +437,20 @@ def main(argv):
     preview = next(iter(ds.take(1)))
     preview = keras.ops.convert_to_numpy(preview[0] if isinstance(preview, tuple) else preview)
     callbacks = pretrain_callbacks(
-        run.output_dir, model, schedule, run.plan.global_micro_batch, FLAGS.save_every, skipped, preview, mean, std,
-        backup_every=FLAGS.backup_every, total_steps=derived["total_steps"],
-        monitors=build_monitors(channels, mean, std), log_every=FLAGS.log_every, accum_steps=run.plan.accum_steps,
+        run.output_dir,
+        model,
+        schedule,
+        run.plan.global_micro_batch,
+        FLAGS.save_every,
+        skipped,
+        preview,
+        mean,
+        std,
+        backup_every=FLAGS.backup_every,
+        total_steps=derived["total_steps"],
+        monitors=build_monitors(channels, mean, std),
+        log_every=FLAGS.log_every,
+        accum_steps=run.plan.accum_steps,
     )
     encoder_path = os.path.join(run.output_dir, "encoder.keras")
 

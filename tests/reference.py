@@ -99,7 +99,12 @@ def hf_to_official(model):
             out[f"{d}.attn.qkv.bias"] = np.concatenate([sd[f"{a}.{x}_proj.bias"] for x in "qkv"], 0)
             out[f"{d}.attn.proj.weight"] = sd[f"{a}.o_proj.weight"]
             out[f"{d}.attn.proj.bias"] = sd[f"{a}.o_proj.bias"]
-            for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for ours, theirs in (
+                ("norm1", "layernorm_before"),
+                ("norm2", "layernorm_after"),
+                ("mlp.fc1", "mlp.fc1"),
+                ("mlp.fc2", "mlp.fc2"),
+            ):
                 out[f"{d}.{ours}.weight"] = sd[f"{s}.{theirs}.weight"]
                 out[f"{d}.{ours}.bias"] = sd[f"{s}.{theirs}.bias"]
     return out

@@ -169,8 +169,13 @@ def update_data(kind, rng):
 # Each model with its recipe's optimizer, and the cheap probe with all three,
 # run on every backend; the other pairings (the same optimizer code on bigger
 # models) run once, in the PyTorch pass.
-EVERY_BACKEND = {("mae", "adamw"), ("finetune", "layer_decay"), ("probe", "adamw"), ("probe", "lars"),
-                 ("probe", "layer_decay")}
+EVERY_BACKEND = {
+    ("mae", "adamw"),
+    ("finetune", "layer_decay"),
+    ("probe", "adamw"),
+    ("probe", "lars"),
+    ("probe", "layer_decay"),
+}
 CASES = [
     pytest.param(kind, opt, marks=() if (kind, opt) in EVERY_BACKEND else pytest.mark.torch_pass)
     for kind in ("mae", "finetune", "probe")
@@ -333,8 +338,14 @@ def test_schedule_and_iterations_count_updates(name):
             log.append((iterations(self.model), float(to_np(lr)), float(to_np(bias)[0])))
 
     b = 2
-    model.fit(np.zeros((6 * b, 1), "float32"), np.full((6 * b, 1), 100.0, "float32"), batch_size=b, shuffle=False,
-              verbose=0, callbacks=[Log()])
+    model.fit(
+        np.zeros((6 * b, 1), "float32"),
+        np.full((6 * b, 1), 100.0, "float32"),
+        batch_size=b,
+        shuffle=False,
+        verbose=0,
+        callbacks=[Log()],
+    )
     steps = [entry[0] for entry in log]
     assert steps == [1 // K, 2 // K, 3 // K, 4 // K, 5 // K, 6 // K] == [0, 1, 1, 2, 2, 3]
     lr = [float(to_np(s(u))) for u in range(4)]

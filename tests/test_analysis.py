@@ -31,8 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_mae(cls=MAE, patch_size=8, channels=3, **kwargs):
-    encoder = ViTEncoder(image_size=32, patch_size=patch_size, num_channels=channels, hidden_dim=32, depth=2,
-                         num_heads=2)
+    encoder = ViTEncoder(
+        image_size=32, patch_size=patch_size, num_channels=channels, hidden_dim=32, depth=2, num_heads=2
+    )
     decoder = TransformerDecoder(hidden_dim=32, depth=2, num_heads=2)
     return cls(encoder, decoder, mask_ratio=0.75, seed=0, **kwargs)
 
@@ -102,12 +103,20 @@ def test_attention_similarity_identical_and_different_maps():
     b = rng.random((4, 2, 17, 17))
     # independent numpy re-derivation of Eq. 7 (ordered pairs, cls column dropped)
     rows = b[:, :, 1 + np.array([1, 5, 9]), 1:].reshape(4, -1)
-    cos = [rows[i] @ rows[j] / np.linalg.norm(rows[i]) / np.linalg.norm(rows[j])
-           for i in range(4) for j in range(4) if i != j]
+    cos = [
+        rows[i] @ rows[j] / np.linalg.norm(rows[i]) / np.linalg.norm(rows[j])
+        for i in range(4)
+        for j in range(4)
+        if i != j
+    ]
     assert attention_similarity(b, [1, 5, 9]) == pytest.approx(np.mean(cos))
     rows_cls = b[:, :, 1 + np.array([1, 5, 9]), :].reshape(4, -1)
-    cos = [rows_cls[i] @ rows_cls[j] / np.linalg.norm(rows_cls[i]) / np.linalg.norm(rows_cls[j])
-           for i in range(4) for j in range(4) if i != j]
+    cos = [
+        rows_cls[i] @ rows_cls[j] / np.linalg.norm(rows_cls[i]) / np.linalg.norm(rows_cls[j])
+        for i in range(4)
+        for j in range(4)
+        if i != j
+    ]
     assert attention_similarity(b, [1, 5, 9], include_cls=True) == pytest.approx(np.mean(cos))
     # accumulating over batches gives the same value
     u = attention_vectors(b, [1, 5, 9])
@@ -201,8 +210,9 @@ def test_clustering_metrics_use_the_clustering_module(fmnist):
     values, assign = clustering_metrics(feats)
     assert assign.shape == (4, 16) and set(np.unique(assign)) <= {0, 1}
     np.testing.assert_array_equal(assign, to_np(clustering.bipartition(feats)))
-    assert values["feature_variance"] == pytest.approx(float(np.mean(to_np(clustering.feature_variance(feats)))),
-                                                       rel=1e-5)
+    assert values["feature_variance"] == pytest.approx(
+        float(np.mean(to_np(clustering.feature_variance(feats)))), rel=1e-5
+    )
     assert all(np.isfinite(v) for v in values.values())
 
 
@@ -265,12 +275,16 @@ def checkpoints(tmp_path_factory, fmnist):
     model = tiny_mae(channels=1)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=False)
     model.fit(images, batch_size=16, epochs=1, verbose=0)
-    paths = {"mae": str(folder / "mae.keras"), "encoder": str(folder / "encoder.keras"),
-             "reference": str(folder / "reference.keras")}
+    paths = {
+        "mae": str(folder / "mae.keras"),
+        "encoder": str(folder / "encoder.keras"),
+        "reference": str(folder / "reference.keras"),
+    }
     model.save(paths["mae"])
     model.encoder.save(paths["encoder"])
     ViTEncoder(image_size=32, patch_size=4, num_channels=1, hidden_dim=32, depth=1, num_heads=2).save(
-        paths["reference"])
+        paths["reference"]
+    )
     return paths
 
 
@@ -278,14 +292,23 @@ def checkpoints(tmp_path_factory, fmnist):
 def test_analyze_every_subcommand(checkpoints, tmp_path):
     analyze = _load_tool("analyze")
     out = str(tmp_path)
-    common = [f"--checkpoint={checkpoints['mae']}", "--num_images=6", f"--output_dir={out}", "--seed=1",
-              "--batch_size=4"]
+    common = [
+        f"--checkpoint={checkpoints['mae']}",
+        "--num_images=6",
+        f"--output_dir={out}",
+        "--seed=1",
+        "--batch_size=4",
+    ]
     diagonal = np.hypot(32, 32)
 
     analyze.main(["attention-distance", *common])
     rows = _read(os.path.join(out, "attention_distance.csv"))
-    assert [(r["part"], int(r["layer"])) for r in rows] == [("encoder", 1), ("encoder", 2), ("decoder", 1),
-                                                            ("decoder", 2)]
+    assert [(r["part"], int(r["layer"])) for r in rows] == [
+        ("encoder", 1),
+        ("encoder", 2),
+        ("decoder", 1),
+        ("decoder", 2),
+    ]
     for r in rows:
         d = float(r["distance_px"])
         assert 0 <= float(r["head_min_px"]) <= d <= float(r["head_max_px"]) <= diagonal
@@ -308,8 +331,9 @@ def test_analyze_every_subcommand(checkpoints, tmp_path):
 
     analyze.main(["reconstruction", *common, "--rows=3"])
     rows = _read(os.path.join(out, "reconstruction.csv"))
-    assert len(rows) == 3 and all(float(r["masked_fraction"]) == 0.75 and np.isfinite(float(r["masked_mse"]))
-                                  for r in rows)
+    assert len(rows) == 3 and all(
+        float(r["masked_fraction"]) == 0.75 and np.isfinite(float(r["masked_mse"])) for r in rows
+    )
 
     analyze.main(["clusters", *common, "--rows=3"])
     rows = _read(os.path.join(out, "clusters.csv"))
@@ -319,14 +343,28 @@ def test_analyze_every_subcommand(checkpoints, tmp_path):
         assert 0 <= float(r["similarity_variance"]) <= 1
         assert -2 <= float(r["cluster_gap"]) <= 2
 
-    for name in ("attention_distance", "attention_similarity", "semantic_similarity", "attention_maps",
-                 "reconstruction", "clusters", "clusters_curves"):
+    for name in (
+        "attention_distance",
+        "attention_similarity",
+        "semantic_similarity",
+        "attention_maps",
+        "reconstruction",
+        "clusters",
+        "clusters_curves",
+    ):
         _check_png(os.path.join(out, f"{name}.png"))
 
     # an encoder.keras is enough for the encoder analyses
     enc_out = str(tmp_path / "enc")
-    analyze.main(["attention-distance", f"--checkpoint={checkpoints['encoder']}", "--num_images=4",
-                  f"--output_dir={enc_out}", "--encoder_mask_ratio=0.5"])
+    analyze.main(
+        [
+            "attention-distance",
+            f"--checkpoint={checkpoints['encoder']}",
+            "--num_images=4",
+            f"--output_dir={enc_out}",
+            "--encoder_mask_ratio=0.5",
+        ]
+    )
     rows = _read(os.path.join(enc_out, "attention_distance.csv"))
     assert [r["part"] for r in rows] == ["encoder", "encoder"]
 
@@ -338,12 +376,15 @@ def test_analyze_clear_errors(checkpoints, tmp_path, capsys):
     cases = [
         (["attention-maps", f"--checkpoint={checkpoints['encoder']}", out], "only an encoder"),
         (["attention-distance", f"--checkpoint={tmp_path}/missing.keras", out], "no file at"),
-        (["attention-distance", f"--checkpoint={checkpoints['mae']}", "--data=/no/such/folder", out],
-         "fashion_mnist' or an existing image folder"),
-        (["attention-maps", f"--checkpoint={checkpoints['mae']}", "--query=999", out, "--num_images=2"],
-         "not masked"),
-        (["semantic-similarity", f"--checkpoint={checkpoints['mae']}", f"--reference={tmp_path}/none.keras", out],
-         "--reference: no file"),
+        (
+            ["attention-distance", f"--checkpoint={checkpoints['mae']}", "--data=/no/such/folder", out],
+            "fashion_mnist' or an existing image folder",
+        ),
+        (["attention-maps", f"--checkpoint={checkpoints['mae']}", "--query=999", out, "--num_images=2"], "not masked"),
+        (
+            ["semantic-similarity", f"--checkpoint={checkpoints['mae']}", f"--reference={tmp_path}/none.keras", out],
+            "--reference: no file",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -361,10 +402,18 @@ def test_analyze_clear_errors(checkpoints, tmp_path, capsys):
     assert "40x40 but the model takes 32x32" in capsys.readouterr().err
     # a reference with a different image size is reported as such
     ViTEncoder(image_size=64, patch_size=8, num_channels=1, hidden_dim=32, depth=1, num_heads=2).save(
-        str(tmp_path / "ref64.keras"))
+        str(tmp_path / "ref64.keras")
+    )
     with pytest.raises(SystemExit):
-        analyze.main(["semantic-similarity", f"--checkpoint={checkpoints['mae']}",
-                      f"--reference={tmp_path}/ref64.keras", out, "--num_images=2"])
+        analyze.main(
+            [
+                "semantic-similarity",
+                f"--checkpoint={checkpoints['mae']}",
+                f"--reference={tmp_path}/ref64.keras",
+                out,
+                "--num_images=2",
+            ]
+        )
     assert "64x64" in capsys.readouterr().err
 
 
@@ -374,12 +423,30 @@ def test_mask_ratio_sweep_tool(tmp_path):
     sweep = _load_tool("mask_ratio_sweep")
     out = str(tmp_path / "sweep")
     tiny = [
-        "--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--hidden_dim=32",
-        "--depth=2", "--num_heads=2", "--decoder_depth=1", "--decoder_width=32", "--decoder_heads=2",
-        "--batch_size=8", "--warmup_epochs=0", "--jit_compile=false",
+        "--data=fashion_mnist",
+        "--image_size=32",
+        "--patch_size=8",
+        "--model=vit_test",
+        "--hidden_dim=32",
+        "--depth=2",
+        "--num_heads=2",
+        "--decoder_depth=1",
+        "--decoder_hidden_dim=32",
+        "--decoder_num_heads=2",
+        "--batch_size=8",
+        "--warmup_epochs=0",
+        "--jit_compile=false",
     ]
-    code = sweep.main(["--mask_ratios=0.5,0.75", "--epochs=1", "--steps_per_epoch=1", f"--output_dir={out}",
-                       "--num_images=4", *[f"--pretrain_flag={f}" for f in tiny]])
+    code = sweep.main(
+        [
+            "--mask_ratios=0.5,0.75",
+            "--epochs=1",
+            "--steps_per_epoch=1",
+            f"--output_dir={out}",
+            "--num_images=4",
+            *[f"--pretrain_flag={f}" for f in tiny],
+        ]
+    )
     assert code == 0
     rows = _read(os.path.join(out, "mask_ratio_sweep.csv"))
     assert [(float(r["mask_ratio"]), int(r["layer"])) for r in rows] == [(0.5, 1), (0.5, 2), (0.75, 1), (0.75, 2)]

@@ -108,7 +108,9 @@ def test_ae_outputs_gradients_fit_and_save(kind, tmp_path, rng):
     np.testing.assert_array_equal(to_np(out["mask"]), 1.0)
     np.testing.assert_array_equal(to_np(out["ids_restore"]), np.tile(np.arange(GRID * GRID), (4, 1)))
     # No position is masked, so no decoder ever inserts its mask token.
-    assert_all_gradients(ae, lambda: ae.compute_loss(images, y_pred=ae(images, training=True)), allow_zero=("mask_token",))
+    assert_all_gradients(
+        ae, lambda: ae.compute_loss(images, y_pred=ae(images, training=True)), allow_zero=("mask_token",)
+    )
     ae.compile(optimizer=keras.optimizers.AdamW(1e-3))
     history = ae.fit(images, batch_size=4, epochs=1, verbose=0)
     assert sorted(history.history) == ["loss", "loss_mae"] and np.isfinite(history.history["loss"][0])
@@ -136,7 +138,9 @@ def test_reconstruct_takes_the_centre_of_each_block(norm_pix_loss, rng):
             x = target[ok == 1]
             block = block * np.sqrt(x.var(ddof=1) + 1e-6) + x.mean()
         i, j = divmod(t, GRID)
-        np.testing.assert_allclose(recon[b, i * P : (i + 1) * P, j * P : (j + 1) * P], block[2 : 2 + P, 2 : 2 + P], atol=1e-4)
+        np.testing.assert_allclose(
+            recon[b, i * P : (i + 1) * P, j * P : (j + 1) * P], block[2 : 2 + P, 2 : 2 + P], atol=1e-4
+        )
     assert np.all(mask == 1)
     callback = ReconstructionImages("unused", images, mean=(0.5,) * 3, std=(0.5,) * 3)
     callback.set_model(ae)
@@ -145,9 +149,18 @@ def test_reconstruct_takes_the_centre_of_each_block(norm_pix_loss, rng):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--decoder_width=32",
-    "--decoder_depth=1", "--decoder_heads=2", "--projector_dim=64", "--batch_size=16", "--epochs=1",
-    "--steps_per_epoch=2", "--dry_run",
+    "--data=fashion_mnist",
+    "--image_size=32",
+    "--patch_size=8",
+    "--model=vit_test",
+    "--decoder_hidden_dim=32",
+    "--decoder_depth=1",
+    "--decoder_num_heads=2",
+    "--projector_dim=64",
+    "--batch_size=16",
+    "--epochs=1",
+    "--steps_per_epoch=2",
+    "--dry_run",
 ]
 
 
@@ -155,7 +168,11 @@ def run_recipe(*flags):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *TINY, *flags],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
@@ -164,10 +181,14 @@ def run_recipe(*flags):
 @pytest.mark.parametrize(
     "flags,config_check",
     [
-        (["--method=ae", "--block_size=24", "--decoder=gaussian", "--gaussian_sigma=1.5"],
-         lambda c: c["block_size"] == 24 and c["decoder"]["config"]["sigma"] == 1.5),
-        (["--method=lcmae", "--decoder=conv", "--decoder_kernel=3"],
-         lambda c: c["decoder"]["config"]["kernel_size"] == 3 and c["decoder"]["class_name"] == "ConvDecoder"),
+        (
+            ["--method=ae", "--block_size=24", "--decoder=gaussian", "--decoder_sigma=1.5"],
+            lambda c: c["block_size"] == 24 and c["decoder"]["config"]["sigma"] == 1.5,
+        ),
+        (
+            ["--method=lcmae", "--decoder=conv", "--decoder_kernel_size=3"],
+            lambda c: c["decoder"]["config"]["kernel_size"] == 3 and c["decoder"]["class_name"] == "ConvDecoder",
+        ),
     ],
     ids=["ae_gaussian", "lcmae_conv"],
 )
@@ -187,8 +208,8 @@ def test_recipe_dry_run_with_decoders_and_ae(flags, config_check, tmp_path):
     [
         (["--method=ae", "--block_size=11"], "--block_size=11"),
         (["--method=mae", "--block_size=24"], "--block_size applies to --method=ae"),
-        (["--decoder=conv", "--decoder_kernel=4"], "--decoder_kernel"),
-        (["--decoder=gaussian", "--gaussian_sigma=0"], "--gaussian_sigma"),
+        (["--decoder=conv", "--decoder_kernel_size=4"], "--decoder_kernel_size"),
+        (["--decoder=gaussian", "--decoder_sigma=0"], "--decoder_sigma"),
     ],
 )
 def test_recipe_bad_decoder_and_ae_flags(flags, message, tmp_path):

@@ -111,7 +111,9 @@ def test_torch_cpu_bf16_explicit_attention_equals_fused():
         with backend.fast_paths(fast):
             assert blocks.fused_attention_is_fast(q) is not fast
             y = attn(x)
-            grads = gradients(_Holder(attn), lambda: keras.ops.sum(keras.ops.square(keras.ops.cast(attn(x), "float32"))))
+            grads = gradients(
+                _Holder(attn), lambda: keras.ops.sum(keras.ops.square(keras.ops.cast(attn(x), "float32")))
+            )
         out[fast] = to_np(keras.ops.cast(y, "float32")), [np.asarray(g, "float32") for g in grads]
     scale = np.abs(out[False][0]).max()
     assert not np.array_equal(out[True][0], out[False][0])  # another kernel ran
@@ -187,16 +189,23 @@ def _run(make_optimizer, fast, steps=4, accum_steps=1, monkeypatch=None, fused=T
 
 
 def _adamw(variables, accum_steps):
-    opt = AdamW(WarmupCosine(0.05, 2, 10), weight_decay=0.1, beta_2=0.95, epsilon=0.05, exclude_1d=True,
-                accum_steps=accum_steps)
+    opt = AdamW(
+        WarmupCosine(0.05, 2, 10), weight_decay=0.1, beta_2=0.95, epsilon=0.05, exclude_1d=True, accum_steps=accum_steps
+    )
     opt.build(variables)
     return opt
 
 
 def _layer_decay(variables, accum_steps):
-    multipliers = {v.path: 0.5 ** i for i, v in enumerate(variables)}
-    return LayerDecayAdamW(WarmupCosine(0.05, 2, 10), weight_decay=0.1, epsilon=0.05, lr_multipliers=multipliers,
-                           no_weight_decay=[variables[2].path], accum_steps=accum_steps)
+    multipliers = {v.path: 0.5**i for i, v in enumerate(variables)}
+    return LayerDecayAdamW(
+        WarmupCosine(0.05, 2, 10),
+        weight_decay=0.1,
+        epsilon=0.05,
+        lr_multipliers=multipliers,
+        no_weight_decay=[variables[2].path],
+        accum_steps=accum_steps,
+    )
 
 
 def _lars(variables, accum_steps):

@@ -87,8 +87,15 @@ def two_generations(folder):
     Returns the weights after each epoch."""
     record = EpochWeights()
     x, y = data()
-    tiny_model().fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
-                     callbacks=[SafeBackupAndRestore(folder, delete_checkpoint=False), record])
+    tiny_model().fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SafeBackupAndRestore(folder, delete_checkpoint=False), record],
+    )
     assert json.load(open(os.path.join(folder, "training_metadata.json")))["epoch"] == 2
     assert json.load(open(os.path.join(folder, "training_metadata.json.bkp")))["epoch"] == 1
     return record.at
@@ -121,8 +128,11 @@ def truncate_weights(folder, suffix=""):
         f.truncate(size // 2)
 
 
-@pytest.mark.parametrize("damage,file", [(garbage_metadata, "training_metadata.json"),
-                                         (truncate_weights, "latest.weights.h5")], ids=["bad_json", "truncated_h5"])
+@pytest.mark.parametrize(
+    "damage,file",
+    [(garbage_metadata, "training_metadata.json"), (truncate_weights, "latest.weights.h5")],
+    ids=["bad_json", "truncated_h5"],
+)
 def test_a_damaged_newest_backup_falls_back_to_the_previous_generation(tmp_path, damage, file):
     folder = str(tmp_path / "backup")
     after = two_generations(folder)
@@ -131,8 +141,9 @@ def test_a_damaged_newest_backup_falls_back_to_the_previous_generation(tmp_path,
         backup, record, history = resume(folder)
     message = next(str(w.message) for w in caught if "unusable" in str(w.message))
     assert folder in message and "previous generation" in message and "epoch 1" in message
-    assert backup.restored == dict(weights=os.path.join(folder, "latest.weights.h5.bkp"), epoch=1, batch=0,
-                                   fallback=True)
+    assert backup.restored == dict(
+        weights=os.path.join(folder, "latest.weights.h5.bkp"), epoch=1, batch=0, fallback=True
+    )
     start_weights, start_step = record.begin
     assert_same(start_weights, after[1])  # the older generation's weights, not the newest's, nor fresh ones
     assert start_step == STEPS  # its optimizer state too
@@ -149,8 +160,15 @@ def test_the_fallback_is_copied_over_the_damaged_generation(tmp_path):
     garbage_metadata(folder)
     x, y = data()
     with pytest.warns(RuntimeWarning, match="unusable"), pytest.raises(KeyboardInterrupt):
-        tiny_model().fit(x, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0,
-                         callbacks=[SafeBackupAndRestore(folder, save_freq=2), Interrupt(1, 1)])
+        tiny_model().fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[SafeBackupAndRestore(folder, save_freq=2), Interrupt(1, 1)],
+        )
     assert json.load(open(os.path.join(folder, "training_metadata.json.bkp")))["epoch"] == 1  # the good one
     truncate_weights(folder)
     with pytest.warns(RuntimeWarning, match="latest.weights.h5"):
@@ -174,8 +192,9 @@ def test_both_generations_damaged_names_the_folder(tmp_path):
 def test_a_single_damaged_generation_without_bkp_raises(tmp_path):
     folder = str(tmp_path / "backup")
     x, y = data()
-    tiny_model().fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
-                     callbacks=[SafeBackupAndRestore(folder, delete_checkpoint=False)])
+    tiny_model().fit(
+        x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[SafeBackupAndRestore(folder, delete_checkpoint=False)]
+    )
     assert not os.path.exists(os.path.join(folder, "latest.weights.h5.bkp"))
     with open(os.path.join(folder, "training_metadata.json"), "w") as f:
         f.write('{"step": 3}')
@@ -204,10 +223,10 @@ def nan_batches(bad_step):
     while True:
         for i in range(STEPS):
             step += 1
-            yb = y[i * BATCH:(i + 1) * BATCH].copy()
+            yb = y[i * BATCH : (i + 1) * BATCH].copy()
             if step == bad_step:
                 yb[0, 0] = np.nan  # (a NaN input can vanish: TensorFlow's relu maps it to 0)
-            yield x[i * BATCH:(i + 1) * BATCH], yb
+            yield x[i * BATCH : (i + 1) * BATCH], yb
 
 
 def test_divergence_stops_and_keeps_a_finite_backup(tmp_path):
@@ -215,8 +234,9 @@ def test_divergence_stops_and_keeps_a_finite_backup(tmp_path):
     model = tiny_model()
     guard, backup, steps = DivergenceGuard(), SafeBackupAndRestore(folder, save_freq=4), StepWeights()
     with pytest.warns(RuntimeWarning) as caught:
-        history = model.fit(nan_batches(20), steps_per_epoch=STEPS, epochs=5, shuffle=False, verbose=0,
-                            callbacks=[guard, backup, steps])
+        history = model.fit(
+            nan_batches(20), steps_per_epoch=STEPS, epochs=5, shuffle=False, verbose=0, callbacks=[guard, backup, steps]
+        )
     assert guard.diverged and guard.step == 20 and guard.epoch == 3 and guard.batch == 3
     assert guard.message() == "the loss became nan at step 20 (epoch 3)"
     assert iterations(model) == 20 and len(history.history["loss"]) == 3  # stopped in that batch
@@ -238,8 +258,15 @@ def test_divergence_stops_and_keeps_a_finite_backup(tmp_path):
     rerun = tiny_model(lr=0.01)
     record = EpochWeights()
     x, y = data()
-    rerun.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0,
-              callbacks=[DivergenceGuard(), SafeBackupAndRestore(folder), record])
+    rerun.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[DivergenceGuard(), SafeBackupAndRestore(folder), record],
+    )
     assert record.begin[1] == 16 and all(np.isfinite(w).all() for w in weights(rerun))
     assert not os.path.exists(folder)  # this one finished: the backup is removed
 
@@ -265,8 +292,15 @@ def test_nonfinite_weights_under_a_finite_loss_are_not_backed_up(tmp_path):
     x, y = data()
     guard, backup, steps = DivergenceGuard(), SafeBackupAndRestore(folder, save_freq=2), StepWeights()
     with pytest.warns(RuntimeWarning) as caught:
-        tiny_model().fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
-                         callbacks=[steps, PoisonWeights(6), guard, backup])
+        tiny_model().fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[steps, PoisonWeights(6), guard, backup],
+        )
     texts = " | ".join(str(w.message) for w in caught)
     assert re.search("Not writing a backup .*: the weight .*kernel is not finite", texts), texts
     assert "the loss became nan at step 7 (epoch 1)" in texts and "keeping the backup" in texts
@@ -298,8 +332,15 @@ def test_step_logger_writes_logs_and_lr_every_n_updates(tmp_path):
     model.compile(optimizer=keras.optimizers.SGD(schedule), loss="mse", metrics=["mae"])
     steps = StepWeights()
     x, y = data()
-    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
-              callbacks=[StepLogger(str(tmp_path), every=3, schedule=schedule), steps])
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[StepLogger(str(tmp_path), every=3, schedule=schedule), steps],
+    )
     scalars = read_scalars(str(tmp_path))
     assert {"step/loss", "step/mae", "step/lr"} <= set(scalars), sorted(scalars)
     expected = [3, 6, 9, 12, 15]
@@ -325,8 +366,9 @@ def test_last_good_checkpoint(tmp_path):
     assert last_good_checkpoint(folder) is None
     model = tiny_model()
     x, y = data()
-    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
-              callbacks=[PeriodicCheckpoint(os.path.join(folder, "checkpoints"))])
+    model.fit(
+        x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[PeriodicCheckpoint(os.path.join(folder, "checkpoints"))]
+    )
     names = sorted(os.listdir(os.path.join(folder, "checkpoints")))
     assert names == ["epoch_001.keras", "epoch_002.keras"]  # no partial files left behind
     assert last_good_checkpoint(folder) == os.path.join(folder, "checkpoints", "epoch_002.keras")

@@ -108,8 +108,13 @@ def test_finetune_step_updates_the_encoder(images):
     model = ViTClassifier(tiny_encoder(drop_path_rate=0.1), num_classes=3, pool="avg")
     model.compile(optimizer=finetune_adamw(model, 1e-3, layer_decay=0.65), loss=LOSS)
     # the position table trains too (official finetuning: timm's learnable pos_embed)
-    watched = [model.encoder.patch_embed.proj.kernel, model.encoder.blocks[0].attn.qkv.kernel, model.encoder.cls_token,
-               model.encoder.pos_embed, model.head.kernel]
+    watched = [
+        model.encoder.patch_embed.proj.kernel,
+        model.encoder.blocks[0].attn.qkv.kernel,
+        model.encoder.cls_token,
+        model.encoder.pos_embed,
+        model.head.kernel,
+    ]
     before = [to_np(v).copy() for v in watched]
     model.fit(images, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
     for b, v in zip(before, watched):
@@ -129,7 +134,9 @@ def test_from_encoder_file(tmp_path, images):
     np.testing.assert_allclose(
         to_np(bigger.encoder.pos_embed), resize_pos_embed(to_np(encoder.pos_embed), (4, 4), (6, 8)), atol=1e-6
     )
-    np.testing.assert_array_equal(to_np(bigger.encoder.blocks[0].attn.qkv.kernel), to_np(encoder.blocks[0].attn.qkv.kernel))
+    np.testing.assert_array_equal(
+        to_np(bigger.encoder.blocks[0].attn.qkv.kernel), to_np(encoder.blocks[0].attn.qkv.kernel)
+    )
     assert tuple(bigger(np.zeros((2, 48, 64, 3), "float32")).shape) == (2, 10)
     with pytest.raises(ValueError, match=r"image_size=36"):
         ViTClassifier.from_encoder_file(path, 10, image_size=36)  # not a multiple of the 8-px patches
@@ -165,7 +172,9 @@ def test_from_official_state_dict(images, rng):
     avg = ViTClassifier.from_official_state_dict(state, 4, num_heads=2, pool="avg")
     assert avg.encoder.norm is None
     reference = ViTClassifier(encoder, 4, pool="avg")
-    np.testing.assert_allclose(to_np(avg.forward_features(images)), to_np(reference.forward_features(images)), atol=1e-5)
+    np.testing.assert_allclose(
+        to_np(avg.forward_features(images)), to_np(reference.forward_features(images)), atol=1e-5
+    )
     # A finetuned (global pool) checkpoint: its fc_norm and head load when the classes match.
     finetuned = {k: v for k, v in state.items() if not k.startswith("norm.")}
     finetuned.update(
@@ -210,7 +219,9 @@ def test_loading_at_a_new_size_builds_the_encoder_once(tmp_path, monkeypatch):
     monkeypatch.setattr(ViTEncoder, "__init__", counting_init)
     model = ViTClassifier.from_encoder_file(path, 3, image_size=48, drop_path_rate=0.1)
     assert len(made) == 2 and made[-1] is True  # the file's encoder, then the one rebuild
-    assert model.encoder.pos_embed.trainable and model.encoder.grid_size == (6, 6) and model.encoder.drop_path_rate == 0.1
+    assert (
+        model.encoder.pos_embed.trainable and model.encoder.grid_size == (6, 6) and model.encoder.drop_path_rate == 0.1
+    )
     made.clear()
     probe = ViTClassifier.from_encoder_file(path, 3, linear_probe=True)
     assert len(made) == 1 and not probe.encoder.pos_embed_trainable

@@ -53,7 +53,9 @@ def planted(rng, sizes, dim=16, spread=0.1, batch=1):
     for _ in range(batch):
         centres = rng.normal(size=(2, dim))
         lab = np.repeat([0, 1], sizes)
-        x = centres[lab] + spread * rng.normal(size=(len(lab), dim)) * np.linalg.norm(centres, axis=1).mean() / np.sqrt(dim)
+        x = centres[lab] + spread * rng.normal(size=(len(lab), dim)) * np.linalg.norm(centres, axis=1).mean() / np.sqrt(
+            dim
+        )
         perm = rng.permutation(len(lab))
         feats.append(x[perm])
         labels.append(lab[perm])

@@ -90,7 +90,9 @@ def test_bad_state_dicts_are_named(rng):
         load_official_state_dict(tiny_mae(), extra)
     load_official_state_dict(tiny_mae(), extra, strict=False)
     bad = dict(state, **{"blocks.0.attn.proj.weight": np.zeros((32, 16), "float32")})
-    with pytest.raises(ValueError, match=r"blocks.0.attn.proj.weight: checkpoint shape \(32, 16\), model expects \(32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn.proj.weight: checkpoint shape \(32, 16\), model expects \(32, 32\)"
+    ):
         load_official_state_dict(tiny_mae(), bad)
     with pytest.raises(ValueError, match="3-channel images .* num_channels=1"):
         load_official_state_dict(tiny_mae(channels=1), state)

@@ -42,8 +42,13 @@ print(json.dumps({"default": default, "tuned": faults(), "applied": applied, "ke
 def test_keep_freed_memory_stops_the_page_faults_of_reallocation():
     import json
 
-    out = subprocess.run([sys.executable, "-c", FAULTS, os.path.join(ROOT, "keras_lcmae", "cpu.py")],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0"))
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS, os.path.join(ROOT, "keras_lcmae", "cpu.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.splitlines()[-1])
     assert got["keras"] is False
@@ -64,7 +69,9 @@ def test_keep_freed_memory_names_a_setting_out_of_range():
         keep_freed_memory(trim_threshold=-1)
 
 
-X86_AVX2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+X86_AVX2 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx fma avx2\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+)
 X86_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
 X86_AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_fp16\n"
 ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd asimdhp bf16 i8mm\n"
@@ -88,8 +95,13 @@ def test_cpu_flags_read_x86_flags_and_arm_features(tmp_path):
 
 @pytest.mark.parametrize(
     "text,bf16,fp16",
-    [(X86_AVX2, False, False), (X86_BF16, True, False), (X86_AMX, True, True), (ARM_BF16, True, True),
-     (ARM_OLD, False, False)],
+    [
+        (X86_AVX2, False, False),
+        (X86_BF16, True, False),
+        (X86_AMX, True, True),
+        (ARM_BF16, True, True),
+        (ARM_OLD, False, False),
+    ],
 )
 def test_native_cpu_dtype_follows_the_flags(tmp_path, text, bf16, fp16):
     from keras_lcmae.cpu import native_cpu_dtype
@@ -104,7 +116,9 @@ def test_native_cpu_dtype_follows_the_flags(tmp_path, text, bf16, fp16):
 def test_cpu_precision_warning_only_for_16_bit_compute_on_a_cpu_without_it(tmp_path):
     from keras_lcmae.cpu import cpu_precision_warning
 
-    avx2, bf16, amx = (_cpuinfo(tmp_path, text, name) for name, text in (("a", X86_AVX2), ("b", X86_BF16), ("c", X86_AMX)))
+    avx2, bf16, amx = (
+        _cpuinfo(tmp_path, text, name) for name, text in (("a", X86_AVX2), ("b", X86_BF16), ("c", X86_AMX))
+    )
     message = cpu_precision_warning("mixed_bfloat16", avx2, on_cpu=True)
     assert "'mixed_bfloat16'" in message and "avx512_bf16 or amx_bf16" in message and "float32" in message
     assert "'mixed_float16'" in cpu_precision_warning(keras.dtype_policies.get("mixed_float16"), bf16, on_cpu=True)

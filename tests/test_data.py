@@ -162,8 +162,9 @@ def _mix(alpha_mixup, alpha_cutmix, smoothing=0.0, seed=(3, 4)):
     rng = np.random.default_rng(0)
     x = rng.random((6, 8, 8, 1)).astype("float32")
     y = np.array([0, 1, 2, 3, 4, 5])
-    mixed, t = mixup_cutmix(tf.constant(x), tf.constant(y), 6, alpha_mixup, alpha_cutmix, smoothing=smoothing,
-                            seed=tf.constant(seed))
+    mixed, t = mixup_cutmix(
+        tf.constant(x), tf.constant(y), 6, alpha_mixup, alpha_cutmix, smoothing=smoothing, seed=tf.constant(seed)
+    )
     return x, y, mixed.numpy(), t.numpy()
 
 
@@ -186,7 +187,7 @@ def test_cutmix_pastes_a_box_and_lambda_is_its_area():
         box = from_other[0, :, :, 0]
         rows, cols = np.where(box)
         if rows.size:  # the pasted region is one rectangle, the same for every image
-            assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+            assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
             assert np.array_equal(from_other[:, :, :, 0], np.broadcast_to(box, (6, 8, 8)))
         lam = 1 - box.mean()
         np.testing.assert_allclose(t[np.arange(6), y], lam, rtol=1e-6)

@@ -19,7 +19,11 @@ def test_mirrored_matches_one_device(method):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "scripts", "mirrored_step.py"), method],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(result.stdout.strip().splitlines()[-1])
@@ -38,7 +42,11 @@ def test_losses_normalise_over_the_global_batch_on_uneven_replicas():
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "scripts", "uneven_replica_losses.py")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(result.stdout.strip().splitlines()[-1])
@@ -51,7 +59,11 @@ def test_jax_data_parallel_matches_one_device(method):
     env = dict(os.environ, KERAS_BACKEND="jax")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "scripts", "data_parallel_step.py"), method],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(result.stdout.strip().splitlines()[-1])
@@ -87,11 +99,22 @@ def test_multi_worker_recipe_two_processes(tmp_path):
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=tf_config)
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *TINY, "--strategy=multiworker",
-             f"--output_dir={out}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "recipes", "pretrain.py"),
+                    *TINY,
+                    "--strategy=multiworker",
+                    f"--output_dir={out}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+        )
     finals = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -121,7 +144,11 @@ def test_eval_update_distributed_matches_one_device(method, mode):
     each micro-batch, so its accumulated update is not the big batch's)."""
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "scripts", "eval_step.py"), method, mode],
-        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(result.stdout.strip().splitlines()[-1])

@@ -90,11 +90,18 @@ _HELP = {}
 
 def _help(script):
     if script not in _HELP:
-        proc = subprocess.run([sys.executable, script, "--helpfull" if script.startswith("recipes/") else "--help"],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, script, "--helpfull" if script.startswith("recipes/") else "--help"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         # absl's --helpfull exits 1 after printing; argparse's --help exits 0
         assert proc.returncode in (0, 1) and "--" in proc.stdout, (
-            f"{script} --help failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            f"{script} --help failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
         _HELP[script] = proc.stdout + proc.stderr
     return _HELP[script]
 
@@ -179,8 +186,9 @@ def test_documented_command_runs(command, tiny_files, tmp_path):
         _check_flags_against_help(script, args)
         return
     argv = _tiny_overrides(script, args, tiny_files, str(tmp_path / "out"))
-    proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, script, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{command!r} as {argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     if script == "tools/analyze.py":
         produced = os.path.join(tmp_path, "out", args[0].replace("-", "_") + ".png")
@@ -215,8 +223,9 @@ def test_links_and_pictures_exist_and_pictures_are_redrawn_by_documented_command
             if path.endswith(".png"):
                 pictures.add(path)
                 assert os.path.getsize(path) < 300_000, f"{target} is not a small picture"
-    readme_pictures = {p for p in pictures if re.search(r"!\[[^\]]*\]\(" + re.escape(os.path.relpath(p, ROOT)),
-                                                       _read(README))}
+    readme_pictures = {
+        p for p in pictures if re.search(r"!\[[^\]]*\]\(" + re.escape(os.path.relpath(p, ROOT)), _read(README))
+    }
     assert len(readme_pictures) >= 2, "the README shows a reconstruction grid and an analysis figure"
     assert readme_pictures <= drawn, f"pictures no documented command redraws: {sorted(readme_pictures - drawn)}"
 
@@ -226,15 +235,17 @@ def test_readme_python_runs_at_tiny_size(tmp_path, monkeypatch):
     swapped for the test size and the user's data for tiny arrays."""
     import keras
 
-    swaps = [(r'from_preset\("vit_base"[^)]*\)', 'from_preset("vit_test")'),
-             (r"hidden_dim=512, depth=\d+, num_heads=16", "hidden_dim=32, depth=1, num_heads=2"),
-             (r"projector_dim=1024", "projector_dim=16"), (r"num_classes=1000", "num_classes=10"),
-             (r"warmup_steps=40 \* 312, total_steps=400 \* 312", "warmup_steps=2, total_steps=10"),
-             (r"epochs=10", "epochs=1")]
+    swaps = [
+        (r'from_preset\("vit_base"[^)]*\)', 'from_preset("vit_test")'),
+        (r"hidden_dim=512, depth=\d+, num_heads=16", "hidden_dim=32, depth=1, num_heads=2"),
+        (r"projector_dim=1024", "projector_dim=16"),
+        (r"num_classes=1000", "num_classes=10"),
+        (r"warmup_steps=40 \* 312, total_steps=400 \* 312", "warmup_steps=2, total_steps=10"),
+        (r"epochs=10", "epochs=1"),
+    ]
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
-    namespace = {"images": rng.normal(size=(4, 32, 32, 3)).astype("float32"),
-                 "labels": np.arange(4) % 10}
+    namespace = {"images": rng.normal(size=(4, 32, 32, 3)).astype("float32"), "labels": np.arange(4) % 10}
     namespace["dataset"] = namespace["images"]
     blocks = [body for lang, body in fenced_blocks(_read(README)) if lang == "python"]
     assert len(blocks) >= 3
@@ -251,18 +262,28 @@ PROCESS_WORDS = re.compile(r"\b(stop|issue) ?#?[0-9]+\b|\bsession", re.I)
 
 
 # the command-line programs (recipes/common.py and tools/cli.py are modules they import)
-SCRIPTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "recipes", "*.py"))
-                 + glob.glob(os.path.join(ROOT, "tools", "*.py")) if os.path.basename(p) not in ("common.py", "cli.py"))
-ANALYSES = ("attention-distance", "attention-similarity", "semantic-similarity", "attention-maps", "reconstruction",
-            "clusters")
+SCRIPTS = sorted(
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, "recipes", "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py"))
+    if os.path.basename(p) not in ("common.py", "cli.py")
+)
+ANALYSES = (
+    "attention-distance",
+    "attention-similarity",
+    "semantic-similarity",
+    "attention-maps",
+    "reconstruction",
+    "clusters",
+)
 # a shell line continuation that a docstring swallowed: "... --method=lcmae         --loss_weights=a"
 MANGLED = re.compile(r"\S {3,}--\w")
 
 
 @pytest.mark.parametrize("command", SCRIPTS + [f"tools/analyze.py {name}" for name in ANALYSES])
 def test_help_reads_cleanly(command):
-    proc = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *command.split(), "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]  # absl's --help exits 1, argparse's 0
     text = proc.stdout
     assert "--help" in text or "--helpfull" in text, text[:500]
@@ -279,16 +300,23 @@ def test_each_recipe_help_names_its_flagfiles():
     }
     named = set()
     for recipe, names in expected.items():
-        text = subprocess.run([sys.executable, f"recipes/{recipe}.py", "--help"], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=300).stdout
+        text = subprocess.run(
+            [sys.executable, f"recipes/{recipe}.py", "--help"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout
         doc = text.split("\nflags:\n")[0]  # the part above the flag list
         listed = re.search(r"Flagfiles in recipes/configs/.*?: (.*?)\.\n", doc, re.S)
         assert listed, f"recipes/{recipe}.py --help names no flagfiles:\n{doc}"
         found = sorted(n.strip()[: -len(".flags")] for n in " ".join(listed.group(1).split()).split(","))
         assert found == names, (recipe, found)
         named.update(found)
-    on_disk = {os.path.basename(p)[: -len(".flags")] for p in glob.glob(os.path.join(ROOT, "recipes", "configs",
-                                                                                  "*.flags"))}
+    on_disk = {
+        os.path.basename(p)[: -len(".flags")] for p in glob.glob(os.path.join(ROOT, "recipes", "configs", "*.flags"))
+    }
     assert on_disk == named, f"flagfiles no recipe's --help names: {sorted(on_disk - named)}"
 
 
@@ -306,17 +334,25 @@ def test_no_text_names_how_the_work_was_organised():
             text = _read(os.path.join(ROOT, name))
         except UnicodeDecodeError:
             continue
-        hits += [f"{name}:{i}: {line.strip()[:100]}" for i, line in enumerate(text.splitlines(), 1)
-                 if PROCESS_WORDS.search(line)]
+        hits += [
+            f"{name}:{i}: {line.strip()[:100]}"
+            for i, line in enumerate(text.splitlines(), 1)
+            if PROCESS_WORDS.search(line)
+        ]
     assert not hits, "\n".join(hits)
 
 
 def test_the_docs_harness_can_fail():
     """The command extraction sees continuations, variables and chains, so a
     renamed flag in any of them would reach the checks above."""
-    page = "```bash\nX=a.keras\npython tools/analyze.py reconstruction \\\n    --checkpoint=$X  # note\n" \
-           "bash tools/install.sh && python recipes/demo.py\n```\n"
-    assert shell_commands(page) == ["python tools/analyze.py reconstruction --checkpoint=a.keras",
-                                    "bash tools/install.sh", "python recipes/demo.py"]
+    page = (
+        "```bash\nX=a.keras\npython tools/analyze.py reconstruction \\\n    --checkpoint=$X  # note\n"
+        "bash tools/install.sh && python recipes/demo.py\n```\n"
+    )
+    assert shell_commands(page) == [
+        "python tools/analyze.py reconstruction --checkpoint=a.keras",
+        "bash tools/install.sh",
+        "python recipes/demo.py",
+    ]
     with pytest.raises(AssertionError, match="no flag --no_such_flag"):
         _check_flags_against_help("tools/mask_ratio_sweep.py", ["--no_such_flag=1"])

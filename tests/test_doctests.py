@@ -150,7 +150,7 @@ def test_docstring_examples(module_name):
     assert failed == 0, f"{failed} of {attempted} examples of {module_name} failed:\n{report}"
 
 
-BROKEN = '''
+BROKEN = """
 >>> import numpy as np
 >>> undefined_name + 1
 2
@@ -159,7 +159,7 @@ BROKEN = '''
 >>> 1 + 1
 2
 >>> 1 / 0  # doctest: +SKIP
-'''
+"""
 
 
 def test_a_broken_example_fails():

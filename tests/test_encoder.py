@@ -44,12 +44,17 @@ def test_presets_have_the_standard_sizes():
     from transformers import ViTMAEConfig, ViTMAEModel
 
     ours = ViTEncoder.from_preset("vit_base", image_size=224, patch_size=16)
-    theirs = ViTMAEModel(ViTMAEConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    theirs = ViTMAEModel(
+        ViTMAEConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    )
     n_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     n_ours = sum(int(np.prod(v.shape)) for v in ours.trainable_weights)
     assert n_ours == n_theirs
     for name, (width, depth, heads) in {
-        "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)
+        "vit_tiny": (192, 12, 3),
+        "vit_small": (384, 12, 6),
+        "vit_large": (1024, 24, 16),
+        "vit_huge": (1280, 32, 16),
     }.items():
         from keras_lcmae.encoder import preset_kwargs
 
@@ -86,8 +91,9 @@ def test_forward_intermediates_equals_the_blocks_run_by_hand():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out["intermediates"][0]), blocks[2], atol=1e-5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out["intermediates"][1]), blocks[0], atol=1e-5)
     assert len(out["attention"]) == 3
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(encoder.forward_tokens(tokens, training=False)), normed,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(encoder.forward_tokens(tokens, training=False)), normed, atol=1e-5
+    )
     plain = encoder.forward_intermediates(tokens, training=False, norm=False)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(plain["output"]), blocks[-1], atol=1e-5)
     assert plain["intermediates"] == [] and plain["attention"] == []
@@ -96,8 +102,7 @@ def test_forward_intermediates_equals_the_blocks_run_by_hand():
     assert len(early["attention"]) == 2  # the last block did not run
 
 
-@pytest.mark.parametrize("kwargs", [dict(indices=[3]), dict(indices=[-4]), dict(indices=[True]),
-                                    dict(stop_early=True)])
+@pytest.mark.parametrize("kwargs", [dict(indices=[3]), dict(indices=[-4]), dict(indices=[True]), dict(stop_early=True)])
 def test_forward_intermediates_bad_arguments(kwargs):
     encoder = ViTEncoder.from_preset("vit_test", depth=3)
     tokens = encoder.embed(np.zeros((1, 32, 32, 3), "float32"))

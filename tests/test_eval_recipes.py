@@ -19,8 +19,14 @@ QUICK = ["--data=fashion_mnist", *GEOMETRY, "--train_limit=2000", "--batch_size=
 
 def run(script, *flags):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "recipes", script), *flags],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", script), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def final_line(result):
@@ -33,8 +39,17 @@ def test_linprobe_trains_the_head_only(encoder_file, tmp_path, cache):
     out = str(tmp_path / "lp")
     # LARS moves each weight matrix by ~lr * 0.001 of its norm per step: a large lr for a short run
     flags = [*QUICK, f"--encoder={encoder_file}", "--blr=50", f"--output_dir={out}"]
-    final = final_line(run("linprobe.py", *flags, *(["--cache_features", "--epochs=10"] if cache else
-                                                    ["--nocache_features", "--epochs=2", "--steps_per_epoch=3"])))
+    final = final_line(
+        run(
+            "linprobe.py",
+            *flags,
+            *(
+                ["--cache_features", "--epochs=10"]
+                if cache
+                else ["--nocache_features", "--epochs=2", "--steps_per_epoch=3"]
+            ),
+        )
+    )
     # the recipe itself fails if the encoder moved; on cached features the probe learns (chance: 0.1)
     assert 0 < final["top5"] <= 1 and final["best_top1"] >= final["top1"]
     if cache:
@@ -51,8 +66,18 @@ def test_finetune_updates_the_encoder_and_keeps_the_best(encoder_file, tmp_path)
     import keras_lcmae  # noqa: F401 - registers the classes for loading
 
     out = str(tmp_path / "ft")
-    final = final_line(run("finetune.py", *QUICK, f"--encoder={encoder_file}", "--epochs=2", "--steps_per_epoch=4",
-                           "--blr=1e-3", "--randaug_magnitude=0", f"--output_dir={out}"))
+    final = final_line(
+        run(
+            "finetune.py",
+            *QUICK,
+            f"--encoder={encoder_file}",
+            "--epochs=2",
+            "--steps_per_epoch=4",
+            "--blr=1e-3",
+            "--randaug_magnitude=0",
+            f"--output_dir={out}",
+        )
+    )
     assert 0 <= final["top1"] <= 1 and final["best_top1"] >= final["top1"]
     # the HParams dashboard: the flags in the session start, the final figures as final/ scalars of that session
     hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
@@ -68,8 +93,17 @@ def test_finetune_updates_the_encoder_and_keeps_the_best(encoder_file, tmp_path)
 
 
 def test_random_baseline_copies_the_architecture(encoder_file, tmp_path):
-    final = final_line(run("linprobe.py", *QUICK, "--encoder=random", f"--architecture_of={encoder_file}",
-                           "--epochs=1", "--cache_features", f"--output_dir={tmp_path}"))
+    final = final_line(
+        run(
+            "linprobe.py",
+            *QUICK,
+            "--encoder=random",
+            f"--architecture_of={encoder_file}",
+            "--epochs=1",
+            "--cache_features",
+            f"--output_dir={tmp_path}",
+        )
+    )
     assert final["encoder"] == "random"
 
 
@@ -147,8 +181,9 @@ def test_pretraining_beats_the_random_encoder_across_seeds():
     splits = []
     for split, n in (("train", 3000), ("test", 2000)):
         images, labels = data.load_fashion_mnist(split, limit=n)
-        ds = data.labelled_dataset(data.array_dataset(images[..., None], labels), 1000, 32, mean, std,
-                                   train=False, crop_pct=1.0)
+        ds = data.labelled_dataset(
+            data.array_dataset(images[..., None], labels), 1000, 32, mean, std, train=False, crop_pct=1.0
+        )
         batches = [(x.numpy(), y.numpy()) for x, y in ds]
         splits.append((np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])))
     images, labels = data.load_fashion_mnist("train")

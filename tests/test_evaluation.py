@@ -169,9 +169,9 @@ def test_online_head_learns_online_and_keeps_batchnorm_statistics():
     head = OnlineLinearHead(16, 4, learning_rate=0.1, bn_momentum=0.9)
     mean, var = np.zeros(16), np.ones(16)
     for i in range(0, 1600, 32):
-        head.update(x[i:i + 32], y[i:i + 32])
-        mean = 0.9 * mean + 0.1 * x[i:i + 32].mean(0)  # BatchNorm's running statistics, by hand
-        var = 0.9 * var + 0.1 * x[i:i + 32].var(0, ddof=1)
+        head.update(x[i : i + 32], y[i : i + 32])
+        mean = 0.9 * mean + 0.1 * x[i : i + 32].mean(0)  # BatchNorm's running statistics, by hand
+        var = 0.9 * var + 0.1 * x[i : i + 32].var(0, ddof=1)
     np.testing.assert_allclose(head.running_mean, mean, rtol=1e-12)
     np.testing.assert_allclose(head.running_var, var, rtol=1e-12)
     assert head.steps == 50
@@ -184,7 +184,7 @@ def test_online_head_learns_online_and_keeps_batchnorm_statistics():
     np.testing.assert_allclose(fresh.w, -0.5 * z.T @ grad, atol=1e-12)
     noise = OnlineLinearHead(16, 4)
     for i in range(0, 1600, 32):
-        noise.update(rng.normal(size=(32, 16)), y[i:i + 32])  # labels independent of the features
+        noise.update(rng.normal(size=(32, 16)), y[i : i + 32])  # labels independent of the features
     assert np.mean(noise.predict(rng.normal(size=(400, 16))) == y[1600:]) < 0.4
     with pytest.raises(ValueError, match="labels"):
         head.update(x[:4], y[:4] + 4)
@@ -200,8 +200,17 @@ def test_online_probe_trains_alongside_fit_and_leaves_the_encoder_alone(fmnist):
     model = MAE(ViTEncoder.from_preset("vit_test", num_channels=3), TransformerDecoder(32, 1, 2), seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: the encoder must stay as it is
     before = [np.array(w) for w in model.encoder.get_weights()]
-    probe = OnlineLinearProbe(images[:150], labels[:150], images[150:], labels[150:], num_classes=10, every=2,
-                              batch_size=32, learning_rate=0.1, seed=0)
+    probe = OnlineLinearProbe(
+        images[:150],
+        labels[:150],
+        images[150:],
+        labels[150:],
+        num_classes=10,
+        every=2,
+        batch_size=32,
+        learning_rate=0.1,
+        seed=0,
+    )
     history = model.fit(images[:64], batch_size=16, epochs=2, callbacks=[probe], verbose=0)
     assert probe.head.steps == 4  # 8 training steps, a probe step every 2
     top1 = history.history["online_probe_top1"]
@@ -211,5 +220,6 @@ def test_online_probe_trains_alongside_fit_and_leaves_the_encoder_alone(fmnist):
         np.testing.assert_array_equal(a, b)
     # the logged accuracy is the head's on the held-out features
     from keras_lcmae.evaluation import extract_features
+
     feats, _ = extract_features(model, images[150:], pool="cls")
     assert top1[-1] == pytest.approx(np.mean(probe.head.predict(feats) == labels[150:]))

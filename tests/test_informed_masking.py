@@ -51,8 +51,10 @@ def expected_counts(n, ratio, hint_ratio, size):
     return keep, m, h
 
 
-@pytest.mark.parametrize("n,ratio,hint_ratio", [(16, 0.75, 0.0), (16, 0.5, 0.2), (49, 0.75, 0.05), (64, 0.9, 0.1),
-                                                (64, 0.3, 0.25), (50, 0.55, 0.05)])
+@pytest.mark.parametrize(
+    "n,ratio,hint_ratio",
+    [(16, 0.75, 0.0), (16, 0.5, 0.2), (49, 0.75, 0.05), (64, 0.9, 0.1), (64, 0.3, 0.25), (50, 0.55, 0.05)],
+)
 def test_exact_ratio_cluster_first_and_hints(rng, n, ratio, hint_ratio):
     b = 40
     # cluster sizes from 0 to n: smaller and larger than the masked budget
@@ -86,7 +88,9 @@ def test_hints_and_order_are_random_per_row():
     n, b = 64, 32
     assignments = np.zeros((b, n), "int32")
     assignments[:, :20] = 1  # same cluster everywhere, smaller than the budget of 48
-    out = informed_masking(np.zeros((b, n, 2), "float32"), 0.75, assignments, hint_ratio=0.1, seed=keras.random.SeedGenerator(1))
+    out = informed_masking(
+        np.zeros((b, n, 2), "float32"), 0.75, assignments, hint_ratio=0.1, seed=keras.random.SeedGenerator(1)
+    )
     mask = to_np(out["mask"])
     h = num_hints(n, 0.75, 0.1)
     assert h == 5
@@ -142,7 +146,8 @@ def test_switch_in_call_random_before_informed_after(rng):
     # explicit noise still gives official random masking
     noise = rng.random((6, 16)).astype("float32")
     np.testing.assert_array_equal(
-        to_np(guided(x, noise=noise)["mask"]), to_np(random_masking(np.zeros((6, 16, 1), "float32"), 0.75, noise=noise)["mask"])
+        to_np(guided(x, noise=noise)["mask"]),
+        to_np(random_masking(np.zeros((6, 16, 1), "float32"), 0.75, noise=noise)["mask"]),
     )
 
 
@@ -186,13 +191,20 @@ class _ActiveProbe(MAE):
 
 def test_fit_switches_mid_run(rng):
     encoder = ViTEncoder.from_preset("vit_test", depth=1)
-    model = _ActiveProbe(encoder, TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
-                         masking=SelfGuidedMasking(informed_start_epoch=1), seed=0)
+    model = _ActiveProbe(
+        encoder,
+        TransformerDecoder(hidden_dim=32, depth=1, num_heads=2),
+        masking=SelfGuidedMasking(informed_start_epoch=1),
+        seed=0,
+    )
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
     seen = []
     record = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: seen.append(float(to_np(model.informed_active))))
-    history = model.fit(images(rng, 8), batch_size=4, epochs=2, verbose=0, callbacks=[InformedMaskingSchedule(), record])
+        on_epoch_begin=lambda epoch, logs: seen.append(float(to_np(model.informed_active)))
+    )
+    history = model.fit(
+        images(rng, 8), batch_size=4, epochs=2, verbose=0, callbacks=[InformedMaskingSchedule(), record]
+    )
     assert seen == [0.0, 1.0]
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["active"] == [0.0, 1.0]  # the compiled step read the new value
@@ -305,8 +317,9 @@ def test_recipe_flags_validated(flags, message):
             pretrain.FLAGS(base + flags)  # ranges are checked as the flags are parsed, the rest after
             pretrain.validate_flags()
         pretrain.FLAGS.unparse_flags()
-        pretrain.FLAGS(base + ["--masking=self_guided", "--guide_layer=decoder", "--epochs=3",
-                               "--informed_start_epoch=1"])
+        pretrain.FLAGS(
+            base + ["--masking=self_guided", "--guide_layer=decoder", "--epochs=3", "--informed_start_epoch=1"]
+        )
         pretrain.validate_flags()  # a valid combination passes
     finally:
         pretrain.FLAGS.unparse_flags()

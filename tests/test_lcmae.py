@@ -127,7 +127,9 @@ def test_fit_reports_every_term_and_round_trips(tmp_path, fmnist):
     np.testing.assert_array_equal(to_np(loaded.project(a["features"])), to_np(model.project(b["features"])))
     enc_path = os.path.join(tmp_path, "encoder.keras")
     model.encoder.save(enc_path)
-    np.testing.assert_allclose(to_np(keras.saving.load_model(enc_path)(images[:2])), to_np(model.encoder(images[:2])), atol=1e-6)
+    np.testing.assert_allclose(
+        to_np(keras.saving.load_model(enc_path)(images[:2])), to_np(model.encoder(images[:2])), atol=1e-6
+    )
 
 
 @pytest.mark.slow

@@ -34,7 +34,9 @@ def test_matches_numpy_official(rng, length, ratio):
     # exactly int(N * (1 - r)) visible per sample
     np.testing.assert_array_equal(to_np(out["mask"]).sum(1), length - keep)
     # ids_restore inverts ids_shuffle
-    np.testing.assert_array_equal(np.take_along_axis(ref_shuffle, to_np(out["ids_restore"]), 1), np.tile(np.arange(length), (3, 1)))
+    np.testing.assert_array_equal(
+        np.take_along_axis(ref_shuffle, to_np(out["ids_restore"]), 1), np.tile(np.arange(length), (3, 1))
+    )
 
 
 def test_drawn_noise_is_per_sample_and_seeded():
@@ -83,8 +85,12 @@ def test_random_strategy_is_official_random_masking_of_the_model_seed():
     from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
     from keras_lcmae.masking import RandomMasking
 
-    mae = MAE(ViTEncoder.from_preset("vit_test"), TransformerDecoder(32, depth=1, num_heads=2), seed=5,
-              masking=RandomMasking())
+    mae = MAE(
+        ViTEncoder.from_preset("vit_test"),
+        TransformerDecoder(32, depth=1, num_heads=2),
+        seed=5,
+        masking=RandomMasking(),
+    )
     x = keras.random.normal((3, 16, 32), seed=0)
     got = mae.apply_masking(x)
     expected = random_masking(x, 0.75, seed=keras.random.SeedGenerator(5))

@@ -78,12 +78,20 @@ def test_block_formula_constants():
     # PyTorch float32, fused attention: 17 D-wide float32 tensors a token, LayerNorm statistics, log-sum-exp
     assert memory.block_activation_bytes(b, t, d, h, 4.0, 4, 0, "torch") == b * t * (17 * d * 4 + 16 + 4 * h)
     # explicit attention: the probabilities, no log-sum-exp
-    assert memory.block_activation_bytes(b, t, d, h, 4.0, 4, 1, "torch") == b * t * (17 * d * 4 + 16) + b * h * t * t * 4
+    assert (
+        memory.block_activation_bytes(b, t, d, h, 4.0, 4, 1, "torch") == b * t * (17 * d * 4 + 16) + b * h * t * t * 4
+    )
     # JAX / TensorFlow: 28 D-wide tensors, exponentials and probabilities
     for backend in ("jax", "tensorflow"):
-        assert memory.block_activation_bytes(b, t, d, h, 4.0, 4, 2, backend) == b * t * (28 * d * 4 + 32) + 2 * b * h * t * t * 4
+        assert (
+            memory.block_activation_bytes(b, t, d, h, 4.0, 4, 2, backend)
+            == b * t * (28 * d * 4 + 32) + 2 * b * h * t * t * 4
+        )
     # bf16: LayerNorm's inputs stay float32, the rest halves
-    assert memory.block_activation_bytes(b, t, d, h, 4.0, 2, 1, "torch") == b * t * (15 * d * 2 + 2 * d * 4 + 16) + b * h * t * t * 2
+    assert (
+        memory.block_activation_bytes(b, t, d, h, 4.0, 2, 1, "torch")
+        == b * t * (15 * d * 2 + 2 * d * 4 + 16) + b * h * t * t * 2
+    )
     assert memory.block_constants("torch", 2.0) == (11.0, 2, 16)
 
 
@@ -166,8 +174,9 @@ def test_counts_from_the_sizes_equal_the_built_models():
     from the model equals the one from its sizes alone."""
     for name, model in _models().items():
         g = memory.model_geometry(model)
-        sizes = memory.Geometry(**{k: v for k, v in vars(g).items()
-                                   if k not in ("trainable_params", "total_params", "param_bytes")})
+        sizes = memory.Geometry(
+            **{k: v for k, v in vars(g).items() if k not in ("trainable_params", "total_params", "param_bytes")}
+        )
         trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
         assert memory.count_params(sizes) == (trainable, model.count_params()), name
         assert (g.trainable_params, g.total_params, g.param_bytes) == (trainable, model.count_params(), 4), name
@@ -219,8 +228,9 @@ def test_bad_arguments_are_named():
     # a bare encoder with a job is fine
     enc = _encoder()
     est = memory.estimate_training_memory(enc, 4, job="finetune", backend="torch", compute_dtype=4)
-    same = _est(job="finetune", batch_size=4, image_size=64, patch_size=8, hidden_dim=64, depth=2, num_heads=2,
-                compute_dtype=4)
+    same = _est(
+        job="finetune", batch_size=4, image_size=64, patch_size=8, hidden_dim=64, depth=2, num_heads=2, compute_dtype=4
+    )
     assert est["activations"] == same["activations"] > 0  # the encoder's sizes were read
 
 
@@ -235,8 +245,14 @@ def test_fits_keeps_the_headroom_and_format_bytes_reads_well():
         memory.fits(1, 0)
     assert memory.format_bytes(512) == "512 B" and memory.format_bytes(1536) == "1.5 KiB"
     assert memory.format_bytes(3 * gib) == "3 GiB" and memory.format_bytes(5 * 2**40) == "5 TiB"
-    est = {"parameters": 3 * 2**20, "gradients": 2**20, "optimizer_state": 0, "accumulators": 0,
-           "activations": 2 * gib, "total": 2 * gib + 4 * 2**20}
+    est = {
+        "parameters": 3 * 2**20,
+        "gradients": 2**20,
+        "optimizer_state": 0,
+        "accumulators": 0,
+        "activations": 2 * gib,
+        "total": 2 * gib + 4 * 2**20,
+    }
     assert memory.summarize(est) == "total 2 GiB: activations 2 GiB, parameters 3 MiB, gradients 1 MiB"
     # ViT-B/16 finetuning at micro-batch 64, bf16 with fused attention: fits an 80 GB H100, not a 16 GB card at 512
     vit_b = _est(job="finetune", batch_size=64, compute_dtype="mixed_bfloat16", attention="fused", **VIT_B)
@@ -294,16 +310,19 @@ for job in sys.argv[1].split(","):
 
 @pytest.mark.torch_pass
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux") or bool(os.environ.get("LD_PRELOAD")),
-                    reason="reads Linux's /proc peak RSS with glibc's malloc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or bool(os.environ.get("LD_PRELOAD")),
+    reason="reads Linux's /proc peak RSS with glibc's malloc",
+)
 def test_estimate_within_30_percent_of_a_measured_cpu_step():
     """PyTorch on the CPU, float32, in a fresh process: the saved activations
     of finetuning and MAE are the formula's (within 5 %), and the measured
     step peak above the memory held between steps (the weights and the
     optimizer state) is within 30 % of ``activations + gradients``."""
     env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", MEASURE, "finetune,mae"], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, "finetune,mae"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if rows and "skip" in rows[0]:

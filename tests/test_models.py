@@ -145,7 +145,9 @@ def test_fresh_model_position_tables_are_official():
         TransformerDecoder(hidden_dim=64, depth=1, num_heads=2),
     )
     np.testing.assert_allclose(to_np(mae.encoder.pos_embed)[0], official_sincos(48, 8, cls_token=True), atol=1e-6)
-    np.testing.assert_allclose(to_np(mae.decoder.decoder_pos_embed)[0], official_sincos(64, 8, cls_token=True), atol=1e-6)
+    np.testing.assert_allclose(
+        to_np(mae.decoder.decoder_pos_embed)[0], official_sincos(64, 8, cls_token=True), atol=1e-6
+    )
     assert not mae.encoder.pos_embed.trainable and not mae.decoder.decoder_pos_embed.trainable
     # tokens are N(0, 0.02)
     assert 0.005 < float(np.std(to_np(mae.encoder.cls_token))) < 0.05
@@ -164,7 +166,9 @@ def test_attention_maps_on_request_do_not_change_outputs(rng):
     assert len(dec["attention"]) == 1 and tuple(dec["attention"][0].shape) == (2, 2, 17, 17)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="counts the executed matmuls with PyTorch's FlopCounterMode")
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="counts the executed matmuls with PyTorch's FlopCounterMode"
+)
 @pytest.mark.parametrize("method", ["mae", "lcmae", "ae"])
 def test_benchmark_flops_match_the_executed_matmuls(method):
     """tools/benchmark.py's model FLOPs (its MFU figure) equal the matmul
@@ -208,8 +212,12 @@ def test_previous_gradients_are_freed_before_the_forward():
 
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 0, 1])
-    for model, data in ((MAE(encoder(), decoder(), seed=0), (x,)), (LCMAE(encoder(), decoder(), seed=0), (x,)),
-                        (AutoEncoder(encoder(), decoder()), (x,)), (ViTClassifier(encoder(), num_classes=2), (x, labels))):
+    for model, data in (
+        (MAE(encoder(), decoder(), seed=0), (x,)),
+        (LCMAE(encoder(), decoder(), seed=0), (x,)),
+        (AutoEncoder(encoder(), decoder()), (x,)),
+        (ViTClassifier(encoder(), num_classes=2), (x, labels)),
+    ):
         loss = None if len(data) == 1 else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=loss)
         seen = []
@@ -237,8 +245,9 @@ def test_a_training_step_runs_the_model_once_and_leaves_nothing_unbuilt(kind):
     from keras_lcmae import LCMAE, AutoEncoder, ConvDecoder, GaussianAverageDecoder
     from keras_lcmae.classifier import ViTClassifier
 
-    encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2,
-                         drop_path_rate=0.1)
+    encoder = ViTEncoder(
+        image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2, drop_path_rate=0.1
+    )
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
     data, loss = (x,), None
     if kind == "mae":

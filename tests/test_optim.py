@@ -111,7 +111,9 @@ def test_layer_decay_adamw_steps_match_numpy(rng):
         opt.apply([keras.ops.convert_to_tensor(grads[v.path]) for v in variables], variables)
     want = numpy_layer_decay_adamw(params, steps, scales, decays, lr, wd)
     for v in variables:
-        np.testing.assert_allclose(to_np(v) - params[v.path], want[v.path] - params[v.path], rtol=1e-4, atol=1e-7, err_msg=v.path)
+        np.testing.assert_allclose(
+            to_np(v) - params[v.path], want[v.path] - params[v.path], rtol=1e-4, atol=1e-7, err_msg=v.path
+        )
     # Block 0 moved by the 0.25-scaled amount, not the head's.
     qkv = "vit_encoder/blocks_0/attn/qkv/kernel"
     unscaled = numpy_layer_decay_adamw(params, steps, {k: 1.0 for k in scales}, decays, lr, wd)
@@ -165,7 +167,9 @@ def test_layer_decay_scales_take_effect_in_fit(rng):
 
 
 def test_layer_decay_adamw_config_round_trip():
-    opt = LayerDecayAdamW(WarmupCosine(1e-3, 2, 10), weight_decay=0.05, lr_multipliers={"a/b": 0.5}, no_weight_decay=["a/c"])
+    opt = LayerDecayAdamW(
+        WarmupCosine(1e-3, 2, 10), weight_decay=0.05, lr_multipliers={"a/b": 0.5}, no_weight_decay=["a/c"]
+    )
     clone = LayerDecayAdamW.from_config(opt.get_config())
     assert clone.lr_multipliers == {"a/b": 0.5} and clone.no_weight_decay == ["a/c"]
     assert clone.weight_decay == 0.05 and clone.epsilon == 1e-8
@@ -218,12 +222,18 @@ def test_lars_two_steps_match_numpy(rng, schedule):
         want = numpy_lars(params, steps[: i + 1], lrs[: i + 1], wd, momentum, eta)
         for v in variables:
             np.testing.assert_allclose(
-                to_np(v) - params[v.name], want[v.name] - params[v.name], rtol=1e-4, atol=1e-7, err_msg=f"{v.name} step {i}"
+                to_np(v) - params[v.name],
+                want[v.name] - params[v.name],
+                rtol=1e-4,
+                atol=1e-7,
+                err_msg=f"{v.name} step {i}",
             )
     # The 2-D update is trust-scaled (tiny), the 1-D one plain momentum SGD.
     assert np.abs(to_np(variables[0]) - params["kernel"]).max() < 0.1
     np.testing.assert_allclose(
-        to_np(variables[1]), params["bias"] - lrs[1] * (momentum * steps[0]["bias"] + steps[1]["bias"]) - lrs[0] * steps[0]["bias"], rtol=1e-5
+        to_np(variables[1]),
+        params["bias"] - lrs[1] * (momentum * steps[0]["bias"] + steps[1]["bias"]) - lrs[0] * steps[0]["bias"],
+        rtol=1e-5,
     )
 
 

@@ -86,8 +86,7 @@ def test_bf16_finetune_and_probe_match_float32_and_train(job, policy):
         encoder = ViTEncoder(image_size=32, patch_size=8, num_channels=3, hidden_dim=32, depth=2, num_heads=2)
         model = ViTClassifier(encoder, 3, pool="avg" if job == "finetune" else "cls", linear_probe=job == "linprobe")
         schedule = WarmupCosine(1e-3 if job == "finetune" else 5.0, 0, 10)
-        opt = (finetune_adamw(model, schedule, accum_steps=2) if job == "finetune"
-               else LARS(schedule, accum_steps=2))
+        opt = finetune_adamw(model, schedule, accum_steps=2) if job == "finetune" else LARS(schedule, accum_steps=2)
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 

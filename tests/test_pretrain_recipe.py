@@ -15,9 +15,20 @@ from tests.helpers import read_hparams
 pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--method=lcmae",
-    "--decoder_depth=1", "--decoder_hidden_dim=32", "--decoder_num_heads=2", "--projector_dim=64", "--batch_size=16",
-    "--epochs=2", "--steps_per_epoch=3", "--blr=1e-3", "--warmup_epochs=1",
+    "--data=fashion_mnist",
+    "--image_size=32",
+    "--patch_size=8",
+    "--model=vit_test",
+    "--method=lcmae",
+    "--decoder_depth=1",
+    "--decoder_hidden_dim=32",
+    "--decoder_num_heads=2",
+    "--projector_dim=64",
+    "--batch_size=16",
+    "--epochs=2",
+    "--steps_per_epoch=3",
+    "--blr=1e-3",
+    "--warmup_epochs=1",
 ]
 
 
@@ -25,7 +36,11 @@ def run(*flags):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *flags],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
@@ -50,16 +65,38 @@ def test_short_run_writes_everything(tmp_path):
     assert final["epochs_run"] == 2
     assert 0.3 < final["knn_top1"] <= 1 and 0.3 < final["linprobe_top1"] <= 1  # 10 classes: chance is 0.1
     assert 0.2 < final["online_probe_top1"] <= 1  # a head trained online for 6 steps of 64 images
-    for key in ("loss", "loss_mae", "loss_cross", "loss_in", "v_std", "lr", "images_per_s", "knn_top1", "linprobe_top1",
-                "online_probe_top1", "online_probe_train_top1"):
+    for key in (
+        "loss",
+        "loss_mae",
+        "loss_cross",
+        "loss_in",
+        "v_std",
+        "lr",
+        "images_per_s",
+        "knn_top1",
+        "linprobe_top1",
+        "online_probe_top1",
+        "online_probe_train_top1",
+    ):
         assert key in final, key
     for name in ("flags.txt", "model_config.json", "metrics.json", "encoder.keras", "checkpoints/epoch_002.keras"):
         assert os.path.exists(os.path.join(out, name)), name
     derived = json.load(open(os.path.join(out, "metrics.json")))["derived"]
     assert derived["lr"] == pytest.approx(1e-3 * 16 / 256) and derived["warmup_steps"] == 3
     tags = read_scalars_and_images(os.path.join(out, "tensorboard"))
-    for tag in ("epoch_loss", "epoch_loss_mae", "epoch_loss_cross", "epoch_loss_in", "epoch_v_std", "epoch_lr", "epoch_images_per_s", "epoch_knn_top1", "epoch_linprobe_top1",
-                "epoch_online_probe_top1", "reconstruction"):
+    for tag in (
+        "epoch_loss",
+        "epoch_loss_mae",
+        "epoch_loss_cross",
+        "epoch_loss_in",
+        "epoch_v_std",
+        "epoch_lr",
+        "epoch_images_per_s",
+        "epoch_knn_top1",
+        "epoch_linprobe_top1",
+        "epoch_online_probe_top1",
+        "reconstruction",
+    ):
         assert tag in tags, (tag, sorted(tags))
     # the HParams dashboard: the flags in the session start, the final figures as final/ scalars of that session
     hparams, scalars, _ = read_hparams(os.path.join(out, "tensorboard"))
@@ -67,7 +104,9 @@ def test_short_run_writes_everything(tmp_path):
     assert hparams["mask_ratio"] == 0.75 and hparams["decoder"] == "transformer" and hparams["model"] == "vit_test"
     assert hparams["batch_size"] == 16 and hparams["blr"] == 1e-3 and hparams["accum_steps"] == 1
     assert hparams["keep_freed_memory"] is True and hparams["output_dir"] == out
-    assert "w_mae" not in hparams and "setting" not in hparams and "verbosity" not in hparams  # unset flags and absl's own are left out
+    assert (
+        "w_mae" not in hparams and "setting" not in hparams and "verbosity" not in hparams
+    )  # unset flags and absl's own are left out
     for key in ("loss", "loss_cross", "knn_top1", "online_probe_top1", "epochs_run", "steps"):
         assert scalars[f"final/{key}"] == pytest.approx(final[key]), key
     import keras
@@ -125,7 +164,9 @@ def test_configs_build(config, tmp_path):
     result = run(f"--flagfile={path}", "--data=fashion_mnist", "--dry_run", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    flags = dict((line.lstrip("-") + "=").split("=")[:2] for line in open(path).read().splitlines() if line.startswith("--"))
+    flags = dict(
+        (line.lstrip("-") + "=").split("=")[:2] for line in open(path).read().splitlines() if line.startswith("--")
+    )
     if flags.get("model") == "vit_base":
         assert info["encoder_params"] == 85_798_656  # ViT-B/16 at 224 without a head (as HF ViTModel without pooler)
     batch = int(flags["batch_size"])
@@ -159,7 +200,13 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path):
     planned number of steps and follows the same lr schedule."""
     steps, epochs, every = 8, 3, 3
     out = os.path.join(tmp_path, "run")
-    flags = [*TINY, f"--epochs={epochs}", f"--steps_per_epoch={steps}", f"--backup_every={every}", f"--output_dir={out}"]
+    flags = [
+        *TINY,
+        f"--epochs={epochs}",
+        f"--steps_per_epoch={steps}",
+        f"--backup_every={every}",
+        f"--output_dir={out}",
+    ]
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
@@ -215,8 +262,10 @@ def test_bf16_on_a_cpu_without_it_warns_and_the_allocator_is_reported(tmp_path):
     result = run(*TINY, "--mixed_precision=bf16", "--dry_run", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = cpu_precision_warning("mixed_bfloat16")  # this process runs TensorFlow too (tf_only)
-    assert ("--mixed_precision=bf16: dtype policy 'mixed_bfloat16' computes in bfloat16 on a CPU without native"
-            in result.stderr) == (expected is not None)
+    assert (
+        "--mixed_precision=bf16: dtype policy 'mixed_bfloat16' computes in bfloat16 on a CPU without native"
+        in result.stderr
+    ) == (expected is not None)
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["freed_memory_kept"] is _glibc()
     result = run(*TINY, "--nokeep_freed_memory", "--dry_run", f"--output_dir={tmp_path}")

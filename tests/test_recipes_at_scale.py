@@ -19,14 +19,41 @@ from tests.helpers import read_hparams
 pytestmark = [pytest.mark.tf_only, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "recipes", "configs")
-EVAL = ["--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--train_limit=512", "--val_limit=256",
-        "--warmup_epochs=1"]
-FINETUNE = [*EVAL, "--batch_size=32", "--blr=1e-3", "--randaug_magnitude=0", "--mixup_alpha=0", "--cutmix_alpha=0",
-            "--reprob=0", "--drop_path_rate=0"]
+EVAL = [
+    "--data=fashion_mnist",
+    "--image_size=32",
+    "--patch_size=8",
+    "--train_limit=512",
+    "--val_limit=256",
+    "--warmup_epochs=1",
+]
+FINETUNE = [
+    *EVAL,
+    "--batch_size=32",
+    "--blr=1e-3",
+    "--randaug_magnitude=0",
+    "--mixup_alpha=0",
+    "--cutmix_alpha=0",
+    "--reprob=0",
+    "--drop_path_rate=0",
+]
 PROBE = [*EVAL, "--batch_size=64", "--blr=20", "--nocache_features"]
-PRETRAIN = ["--data=fashion_mnist", "--image_size=32", "--patch_size=8", "--model=vit_test", "--method=mae",
-            "--decoder_depth=1", "--decoder_hidden_dim=32", "--decoder_num_heads=2", "--batch_size=16", "--epochs=2",
-            "--steps_per_epoch=3", "--blr=1e-3", "--warmup_epochs=1", "--monitor_every=0"]
+PRETRAIN = [
+    "--data=fashion_mnist",
+    "--image_size=32",
+    "--patch_size=8",
+    "--model=vit_test",
+    "--method=mae",
+    "--decoder_depth=1",
+    "--decoder_hidden_dim=32",
+    "--decoder_num_heads=2",
+    "--batch_size=16",
+    "--epochs=2",
+    "--steps_per_epoch=3",
+    "--blr=1e-3",
+    "--warmup_epochs=1",
+    "--monitor_every=0",
+]
 
 
 def command(script, *flags):
@@ -38,8 +65,9 @@ def env(**extra):
 
 
 def run(script, *flags, **extra):
-    return subprocess.run(command(script, *flags), capture_output=True, text=True, env=env(**extra), cwd=ROOT,
-                          timeout=600)
+    return subprocess.run(
+        command(script, *flags), capture_output=True, text=True, env=env(**extra), cwd=ROOT, timeout=600
+    )
 
 
 def json_lines(stdout):
@@ -72,10 +100,18 @@ def test_sigkill_then_rerun_resumes_with_accumulation(script, encoder_file, tmp_
     steps, epochs, every, accum = 4, 3, 2, 2
     out = str(tmp_path / "run")
     base = FINETUNE if script == "finetune.py" else PROBE
-    flags = [*base, f"--encoder={encoder_file}", f"--epochs={epochs}", f"--steps_per_epoch={steps}",
-             f"--backup_every={every}", f"--accum_steps={accum}", f"--output_dir={out}"]
-    proc = subprocess.Popen(command(script, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env(), cwd=ROOT)
+    flags = [
+        *base,
+        f"--encoder={encoder_file}",
+        f"--epochs={epochs}",
+        f"--steps_per_epoch={steps}",
+        f"--backup_every={every}",
+        f"--accum_steps={accum}",
+        f"--output_dir={out}",
+    ]
+    proc = subprocess.Popen(
+        command(script, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT
+    )
     backup = os.path.join(out, "backup")
     deadline = time.time() + 300
     try:
@@ -110,7 +146,7 @@ def test_sigkill_then_rerun_resumes_with_accumulation(script, encoder_file, tmp_
         t = min(t + steps, total)
         ends.append(t)
     lr = [0.5 * peak * (1 + np.cos(np.pi * (t - steps) / (total - steps))) for t in ends]
-    assert history["lr"][-len(lr):] == pytest.approx(lr, rel=1e-6, abs=1e-9)  # float32 schedule
+    assert history["lr"][-len(lr) :] == pytest.approx(lr, rel=1e-6, abs=1e-9)  # float32 schedule
     with open(os.path.join(out, "best.keras.best.json")) as f:
         best = json.load(f)["value"]
     assert best == pytest.approx(max([best_before, *history["val_top1"]]))
@@ -125,8 +161,16 @@ def test_diverged_run_exits_nonzero_and_writes_no_nan_encoder(tmp_path):
 
 
 def test_diverged_finetune_exits_nonzero(encoder_file, tmp_path):
-    result = run("finetune.py", *FINETUNE, f"--encoder={encoder_file}", "--blr=1e15", "--warmup_epochs=0",
-                 "--epochs=1", "--steps_per_epoch=4", f"--output_dir={tmp_path / 'ft'}")
+    result = run(
+        "finetune.py",
+        *FINETUNE,
+        f"--encoder={encoder_file}",
+        "--blr=1e15",
+        "--warmup_epochs=0",
+        "--epochs=1",
+        "--steps_per_epoch=4",
+        f"--output_dir={tmp_path / 'ft'}",
+    )
     one_line_error(result, "training diverged")
 
 
@@ -152,23 +196,36 @@ def bad_tfrecord(tmp_path):
 
     path = str(tmp_path / "bad.tfrecord")
     with tf.io.TFRecordWriter(path) as w:
-        feature = {"img": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"])),
-                   "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}
+        feature = {
+            "img": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        }
         w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     return path
 
 
-@pytest.mark.parametrize("script,case", [
-    # the checks live in recipes/common.py and keras_lcmae/data.py, shared by the three recipes; finetune and
-    # linprobe read labelled data through the same function, so each case runs on pretraining and one of them
-    ("pretrain.py", "corrupt_folder"), ("finetune.py", "corrupt_folder"),
-    ("pretrain.py", "bad_tfrecord"), ("linprobe.py", "bad_tfrecord"),
-    ("pretrain.py", "output_is_file"), ("finetune.py", "output_under_file"), ("linprobe.py", "output_not_writable"),
-])
-def test_hostile_inputs_fail_before_training_in_one_line(script, case, corrupt_folders, bad_tfrecord, encoder_file,
-                                                         tmp_path):
-    flags = list(PRETRAIN) if script == "pretrain.py" else [*(FINETUNE if script == "finetune.py" else PROBE),
-                                                            f"--encoder={encoder_file}", "--epochs=1"]
+@pytest.mark.parametrize(
+    "script,case",
+    [
+        # the checks live in recipes/common.py and keras_lcmae/data.py, shared by the three recipes; finetune and
+        # linprobe read labelled data through the same function, so each case runs on pretraining and one of them
+        ("pretrain.py", "corrupt_folder"),
+        ("finetune.py", "corrupt_folder"),
+        ("pretrain.py", "bad_tfrecord"),
+        ("linprobe.py", "bad_tfrecord"),
+        ("pretrain.py", "output_is_file"),
+        ("finetune.py", "output_under_file"),
+        ("linprobe.py", "output_not_writable"),
+    ],
+)
+def test_hostile_inputs_fail_before_training_in_one_line(
+    script, case, corrupt_folders, bad_tfrecord, encoder_file, tmp_path
+):
+    flags = (
+        list(PRETRAIN)
+        if script == "pretrain.py"
+        else [*(FINETUNE if script == "finetune.py" else PROBE), f"--encoder={encoder_file}", "--epochs=1"]
+    )
     out = str(tmp_path / "out")
     if case == "corrupt_folder":
         flags += [f"--data={corrupt_folders[0] if script == 'pretrain.py' else corrupt_folders[1]}", "--num_channels=1"]
@@ -215,14 +272,26 @@ def test_finetune_reads_tfrecords_and_logs_steps(encoder_file, tmp_path):
         with tf.io.TFRecordWriter(str(tmp_path / f"{split}-00000.tfrecord")) as w:
             for image, label in zip(images[lo:hi], labels[lo:hi]):
                 png = tf.io.encode_png(image[..., None]).numpy()
-                feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
-                           "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
+                feature = {
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+                }
                 w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     out = str(tmp_path / "ft")
     flags = [f for f in FINETUNE if not f.startswith(("--data", "--train_limit", "--val_limit"))]
-    result = run("finetune.py", *flags, f"--data={tmp_path}/train-*.tfrecord", f"--val_data={tmp_path}/val-*",
-                 "--num_classes=10", "--num_channels=1", f"--encoder={encoder_file}", "--batch_size=16", "--epochs=2",
-                 "--log_every=2", f"--output_dir={out}")
+    result = run(
+        "finetune.py",
+        *flags,
+        f"--data={tmp_path}/train-*.tfrecord",
+        f"--val_data={tmp_path}/val-*",
+        "--num_classes=10",
+        "--num_channels=1",
+        f"--encoder={encoder_file}",
+        "--batch_size=16",
+        "--epochs=2",
+        "--log_every=2",
+        f"--output_dir={out}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json_lines(result.stdout)[0]["plan"]
     assert plan["images"] == 64 and plan["steps_per_epoch"] == 4
@@ -237,11 +306,17 @@ def test_finetune_reads_tfrecords_and_logs_steps(encoder_file, tmp_path):
     for tag in ("step/loss", "step/top1", "step/lr"):
         assert sorted(steps[tag]) == [2, 4, 6, 8], (tag, steps)
 
-@pytest.mark.parametrize("script,config", [
-    ("pretrain.py", "mae_vitb16_in1k.flags"), ("pretrain.py", "mae_vitb16_dec8_in1k.flags"),
-    ("pretrain.py", "lcmae_vitb16_in1k.flags"), ("finetune.py", "finetune_vitb16_in1k.flags"),
-    ("linprobe.py", "linprobe_vitb16_in1k.flags"),
-])
+
+@pytest.mark.parametrize(
+    "script,config",
+    [
+        ("pretrain.py", "mae_vitb16_in1k.flags"),
+        ("pretrain.py", "mae_vitb16_dec8_in1k.flags"),
+        ("pretrain.py", "lcmae_vitb16_in1k.flags"),
+        ("finetune.py", "finetune_vitb16_in1k.flags"),
+        ("linprobe.py", "linprobe_vitb16_in1k.flags"),
+    ],
+)
 def test_paper_configs_print_their_plan(script, config, small_folder, tmp_path):
     """Each ViT-B/16 config dry-runs on a CPU on a small folder and prints
     the plan: effective batch, devices, micro-batch, accumulation, memory."""
@@ -249,13 +324,15 @@ def test_paper_configs_print_their_plan(script, config, small_folder, tmp_path):
     head = open(path).read().splitlines()[:3]
     assert f"--flagfile=recipes/configs/{config}" in "\n".join(head)
     data = os.path.join(small_folder, "train") if script == "pretrain.py" else small_folder
-    result = run(script, f"--flagfile={path}", f"--data={data}", "--dry_run", "--device_memory_gb=1",
-                 f"--output_dir={tmp_path}")
+    result = run(
+        script, f"--flagfile={path}", f"--data={data}", "--dry_run", "--device_memory_gb=1", f"--output_dir={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json_lines(result.stdout)[-1]
     assert plan["dry_run"] is True
-    flags = dict((line.lstrip("-") + "=").split("=")[:2] for line in open(path).read().splitlines()
-                 if line.startswith("--"))
+    flags = dict(
+        (line.lstrip("-") + "=").split("=")[:2] for line in open(path).read().splitlines() if line.startswith("--")
+    )
     assert plan["effective_batch"] == int(flags["batch_size"]) and plan["accum_steps"] == int(flags["accum_steps"])
     assert plan["replicas"] == 1  # one CPU here: MirroredStrategy over the one device
     assert plan["per_device_micro_batch"] == int(flags["batch_size"]) // int(flags["accum_steps"])
@@ -266,7 +343,6 @@ def test_paper_configs_print_their_plan(script, config, small_folder, tmp_path):
     # one CPU "device" carrying all 8 GPUs' micro-batches does not fit 1 GB: the warning names the flag
     assert plan["fits_device_memory"] is False and "raise --accum_steps" in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "tensorboard"))  # a dry run is no HParams session
-
 
 
 def test_multi_worker_finetune_two_processes(encoder_file, tmp_path):
@@ -289,10 +365,24 @@ def test_multi_worker_finetune_two_processes(encoder_file, tmp_path):
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen(
-            command("finetune.py", *FINETUNE, f"--encoder={encoder_file}", "--epochs=1", "--steps_per_epoch=3",
-                    "--strategy=multiworker", f"--output_dir={out}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(TF_CONFIG=tf_config), cwd=ROOT))
+        procs.append(
+            subprocess.Popen(
+                command(
+                    "finetune.py",
+                    *FINETUNE,
+                    f"--encoder={encoder_file}",
+                    "--epochs=1",
+                    "--steps_per_epoch=3",
+                    "--strategy=multiworker",
+                    f"--output_dir={out}",
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env(TF_CONFIG=tf_config),
+                cwd=ROOT,
+            )
+        )
     finals = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)

@@ -15,7 +15,16 @@ from tests.reference import build_hf_mae, hf_forward, hf_to_official
 CASES = {
     "rgb_normpix": dict(image_size=32, patch_size=8, num_channels=3, hidden=32, heads=2, dec_hidden=32, dec_heads=4),
     "grey_raw_p4": dict(
-        image_size=32, patch_size=4, num_channels=1, hidden=48, heads=3, dec_hidden=64, dec_heads=2, dec_depth=1, norm_pix_loss=False, mask_ratio=0.6
+        image_size=32,
+        patch_size=4,
+        num_channels=1,
+        hidden=48,
+        heads=3,
+        dec_hidden=64,
+        dec_heads=2,
+        dec_depth=1,
+        norm_pix_loss=False,
+        mask_ratio=0.6,
     ),
 }
 

@@ -43,7 +43,10 @@ def test_each_backend_gets_its_marker_and_the_workers(monkeypatch):
     "args, message",
     [
         (["--workers", "0"], "FATAL Flags error: flag --workers=0: 0 is not a positive integer"),
-        (["--backends", "tf,jax"], "FATAL Flags error: flag --backends=tf,jax: takes a comma list of tensorflow, jax, torch"),
+        (
+            ["--backends", "tf,jax"],
+            "FATAL Flags error: flag --backends=tf,jax: takes a comma list of tensorflow, jax, torch",
+        ),
         (["--backends="], "FATAL Flags error: flag --backends=: takes a comma list"),
         (["--no_such_flag"], "FATAL Flags error: Unknown command line flag 'no_such_flag'"),
     ],
@@ -59,7 +62,9 @@ def test_the_readme_command_line_is_read_as_before():
     call starts from the defaults."""
     flags = run_tests.FLAGS
     assert run_tests.cli.parse(flags, ["--backends", "jax", "--workers", "1", "--", "-k", "masking"], "") == [
-        "-k", "masking"]
+        "-k",
+        "masking",
+    ]
     assert (flags.backends, flags.workers) == ("jax", 1)
     assert run_tests.cli.parse(flags, [], "") == []
     assert run_tests.parse_backends(flags.backends) == ["tensorflow", "jax", "torch"]
@@ -77,9 +82,21 @@ def test_two_workers_run_and_count_a_selection():
     """The real command on a few tests over two xdist workers: the pass line
     and the closing total count what pytest ran."""
     result = subprocess.run(
-        [sys.executable, TOOL, "--backends", "tensorflow", "--workers", "2", "--", "-k",
-         "test_patchify_matches_official_layout"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [
+            sys.executable,
+            TOOL,
+            "--backends",
+            "tensorflow",
+            "--workers",
+            "2",
+            "--",
+            "-k",
+            "test_patchify_matches_official_layout",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     lines = result.stdout.strip().splitlines()

@@ -35,7 +35,9 @@ def test_old_file_loads_and_computes_the_same(name, reference):
         np.testing.assert_allclose(got, reference[name + "/logits"], rtol=1e-4, atol=1e-5)
     else:
         out = model(images, noise=(noise, noise) if isinstance(model, LCMAE) else noise, training=False)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(out["pred"]), reference[name + "/pred"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(out["pred"]), reference[name + "/pred"], rtol=1e-4, atol=1e-5
+        )
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(out["mask"]), reference[name + "/mask"])
     # the loaded model saves again and reloads to the same class and config
     assert model.optimizer is not None, "the saved compile() state should come back"

@@ -36,8 +36,14 @@ def _load_tool(name):
     ],
 )
 def test_a_bad_tool_flag_is_one_line(tool, args, message):
-    proc = subprocess.run([sys.executable, os.path.join("tools", tool), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join("tools", tool), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("FATAL Flags error: ")]
@@ -45,11 +51,23 @@ def test_a_bad_tool_flag_is_one_line(tool, args, message):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("tool,flag", [("collapse_study.py", "--settings"), ("mask_ratio_sweep.py", "--mask_ratios"),
-                                       ("analyze.py", "--encoder_mask_ratio")])
+@pytest.mark.parametrize(
+    "tool,flag",
+    [
+        ("collapse_study.py", "--settings"),
+        ("mask_ratio_sweep.py", "--mask_ratios"),
+        ("analyze.py", "--encoder_mask_ratio"),
+    ],
+)
 def test_help_lists_the_flags(tool, flag):
-    proc = subprocess.run([sys.executable, os.path.join("tools", tool), "--help"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join("tools", tool), "--help"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and flag in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -60,8 +78,17 @@ def test_tools_share_flag_names_in_one_process_and_each_call_starts_from_the_def
     args = analyze.parse_args(["reconstruction", "--checkpoint=m.keras"])
     assert (args.rows, args.output_dir, args.no_resize) == (8, "runs/analysis", False)  # its own default
     assert not hasattr(args, "query")
-    sweep.cli.parse(sweep.FLAGS, ["--flagfile", os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
-                                  "--pretrain_flag=--batch_size=8", "--pretrain_flag=--epochs=1", "--reuse"], "")
+    sweep.cli.parse(
+        sweep.FLAGS,
+        [
+            "--flagfile",
+            os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
+            "--pretrain_flag=--batch_size=8",
+            "--pretrain_flag=--epochs=1",
+            "--reuse",
+        ],
+        "",
+    )
     assert sweep.FLAGS.pretrain_flag == ["--batch_size=8", "--epochs=1"] and sweep.FLAGS.reuse
     sweep.cli.parse(sweep.FLAGS, [], "")
     assert sweep.FLAGS.pretrain_flag == [] and not sweep.FLAGS.reuse

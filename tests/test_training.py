@@ -15,8 +15,9 @@ pytestmark = pytest.mark.tf_only
 
 def test_batch_plan_splits_the_effective_batch():
     plan = BatchPlan(16384, replicas=8, accum_steps=4)
-    assert plan.as_dict() == dict(effective_batch=16384, replicas=8, accum_steps=4, global_micro_batch=4096,
-                                  per_device_micro_batch=512)
+    assert plan.as_dict() == dict(
+        effective_batch=16384, replicas=8, accum_steps=4, global_micro_batch=4096, per_device_micro_batch=512
+    )
     with pytest.raises(ValueError, match=r"replicas x accum_steps = 2 x 3"):
         BatchPlan(16, replicas=2, accum_steps=3)
     for bad in (0, 1.5, True):

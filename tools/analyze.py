@@ -100,7 +100,11 @@ class Context:
         if self.kind == "mae":
             with_mask_ratio(self.model, args.mask_ratio)
         self.images, self.mean, self.std = inputs.load_images(
-            args.data, self.encoder.image_size, self.encoder.num_channels, args.num_images, args.seed,
+            args.data,
+            self.encoder.image_size,
+            self.encoder.num_channels,
+            args.num_images,
+            args.seed,
             resize=not args.no_resize,
         )
         os.makedirs(args.output_dir, exist_ok=True)
@@ -159,11 +163,16 @@ def cmd_attention_distance(ctx):
     rows = []
     for part, per_head in parts.items():
         for l, heads in enumerate(per_head):
-            rows.append({
-                "part": part, "layer": l + 1, "distance_px": float(heads.mean()),
-                "head_min_px": float(heads.min()), "head_max_px": float(heads.max()),
-                "masked_query_distance_px": float(dec_masked_sum[l].mean() / n) if part == "decoder" else "",
-            })
+            rows.append(
+                {
+                    "part": part,
+                    "layer": l + 1,
+                    "distance_px": float(heads.mean()),
+                    "head_min_px": float(heads.min()),
+                    "head_max_px": float(heads.max()),
+                    "masked_query_distance_px": float(dec_masked_sum[l].mean() / n) if part == "decoder" else "",
+                }
+            )
     title = "attention distance"
     if ctx.args.encoder_mask_ratio > 0:
         title += f" (encoder on visible tokens, r={ctx.args.encoder_mask_ratio:g})"
@@ -196,10 +205,19 @@ def cmd_attention_similarity(ctx):
         vecs = [attention_vectors(a, query_ids, include_cls=ctx.args.include_cls).sum(0) for a in dec["attention"]]
         sums = vecs if sums is None else [s + v for s, v in zip(sums, vecs)]
     values = [similarity_from_sums(s, n) for s in sums]
-    rows = [{"layer": l + 1, "s_attn": v, "num_images": n, "masked_queries": len(query_ids),
-             "include_cls": int(ctx.args.include_cls)} for l, v in enumerate(values)]
-    layer_curve_figure(values, ctx.path(".png"), "attention similarity $S^{attn}$",
-                       f"Eq. 7: {n} images, one shared mask")
+    rows = [
+        {
+            "layer": l + 1,
+            "s_attn": v,
+            "num_images": n,
+            "masked_queries": len(query_ids),
+            "include_cls": int(ctx.args.include_cls),
+        }
+        for l, v in enumerate(values)
+    ]
+    layer_curve_figure(
+        values, ctx.path(".png"), "attention similarity $S^{attn}$", f"Eq. 7: {n} images, one shared mask"
+    )
     return write_csv(ctx.path(".csv"), rows)
 
 
@@ -221,14 +239,24 @@ def cmd_semantic_similarity(ctx):
         if tuple(ref_grid) != tuple(ctx.grid):
             ref = resize_token_grid(ref, ref_grid, ctx.grid)
         dec = decoder_layers(ctx.model, x, noise[sl])
-        vals = np.array([semantic_similarity(ref, f, ctx.args.normalization, per_image=True).sum()
-                         for f in dec["features"]])
+        vals = np.array(
+            [semantic_similarity(ref, f, ctx.args.normalization, per_image=True).sum() for f in dec["features"]]
+        )
         sums = vals if sums is None else sums + vals
     values = sums / n
-    rows = [{"layer": l + 1, "s_sim": float(v), "num_images": n, "reference_grid": f"{ref_grid[0]}x{ref_grid[1]}",
-             "normalization": ctx.args.normalization} for l, v in enumerate(values)]
-    layer_curve_figure(values, ctx.path(".png"), "semantic similarity $S^{sim}$",
-                       f"Eq. 8 vs {os.path.basename(ctx.args.reference)}")
+    rows = [
+        {
+            "layer": l + 1,
+            "s_sim": float(v),
+            "num_images": n,
+            "reference_grid": f"{ref_grid[0]}x{ref_grid[1]}",
+            "normalization": ctx.args.normalization,
+        }
+        for l, v in enumerate(values)
+    ]
+    layer_curve_figure(
+        values, ctx.path(".png"), "semantic similarity $S^{sim}$", f"Eq. 8 vs {os.path.basename(ctx.args.reference)}"
+    )
     return write_csv(ctx.path(".csv"), rows)
 
 
@@ -292,14 +320,26 @@ def cmd_attention_maps(ctx):
             for l, a in enumerate(dec["attention"]):
                 row = a[i, :, 1 + q, :]  # (heads, 1+N): this query, every head
                 w = row[:, 1:] / np.maximum(row[:, 1:].sum(-1, keepdims=True), 1e-12)
-                rows.append({
-                    "image": i, "query_patch": q, "layer": l + 1,
-                    "cls_weight": float(row[:, 0].mean()),
-                    "self_weight": float(row[:, 1 + q].mean()),
-                    "distance_px": float((w * dist[q]).sum(-1).mean()),
-                })
-    attention_maps_figure(np.stack(fig_pixels), np.stack(fig_masked), np.stack(maps), np.stack(cls_w),
-                          np.array(qs), ctx.grid, ctx.p, ctx.path(".png"))
+                rows.append(
+                    {
+                        "image": i,
+                        "query_patch": q,
+                        "layer": l + 1,
+                        "cls_weight": float(row[:, 0].mean()),
+                        "self_weight": float(row[:, 1 + q].mean()),
+                        "distance_px": float((w * dist[q]).sum(-1).mean()),
+                    }
+                )
+    attention_maps_figure(
+        np.stack(fig_pixels),
+        np.stack(fig_masked),
+        np.stack(maps),
+        np.stack(cls_w),
+        np.array(qs),
+        ctx.grid,
+        ctx.p,
+        ctx.path(".png"),
+    )
     return write_csv(ctx.path(".csv"), rows)
 
 
@@ -319,8 +359,13 @@ def cmd_reconstruction(ctx):
     rows = []
     for i in range(count):
         m = mask[i] > 0.5
-        rows.append({"image": i, "masked_fraction": float(m.mean()),
-                     "masked_mse": float(np.mean((recon[i] - x[i])[m] ** 2)) if m.any() else 0.0})
+        rows.append(
+            {
+                "image": i,
+                "masked_fraction": float(m.mean()),
+                "masked_mse": float(np.mean((recon[i] - x[i])[m] ** 2)) if m.any() else 0.0,
+            }
+        )
     image_columns_figure([pixels, masked, ctx.pixels(recon)], ["input", "masked", "reconstruction"], ctx.path(".png"))
     return write_csv(ctx.path(".csv"), rows)
 
@@ -349,12 +394,20 @@ def cmd_clusters(ctx):
                 acc[k] += v * len(x)
             if sl.start == 0:
                 maps[key] = assign[:count]
-    rows = [{"part": part, "layer": layer, **{k: v / n for k, v in acc.items()}} for (part, layer), acc in totals.items()]
+    rows = [
+        {"part": part, "layer": layer, **{k: v / n for k, v in acc.items()}} for (part, layer), acc in totals.items()
+    ]
     keys = list(maps)
     if len(keys) > ctx.args.max_map_layers:
         keys = [keys[i] for i in np.unique(np.linspace(0, len(keys) - 1, ctx.args.max_map_layers).round().astype(int))]
-    cluster_maps_figure(ctx.pixels(ctx.images[:count]), np.stack([maps[k] for k in keys]), ctx.grid, ctx.p,
-                        ctx.path(".png"), [f"{p[:3]} {l}" for p, l in keys])
+    cluster_maps_figure(
+        ctx.pixels(ctx.images[:count]),
+        np.stack([maps[k] for k in keys]),
+        ctx.grid,
+        ctx.p,
+        ctx.path(".png"),
+        [f"{p[:3]} {l}" for p, l in keys],
+    )
     clustering_curves_figure(rows, ctx.path("_curves.png"))
     return write_csv(ctx.path(".csv"), rows)
 
@@ -371,18 +424,19 @@ COMMANDS = {
 
 def define_common_flags(fv):
     """The flags every subcommand takes."""
-    flags.DEFINE_string("checkpoint", None, "MAE/LC-MAE .keras model (checkpoints/epoch_NNN.keras) or an "
-                        "encoder.keras.", flag_values=fv)
+    flags.DEFINE_string(
+        "checkpoint", None, "MAE/LC-MAE .keras model (checkpoints/epoch_NNN.keras) or an encoder.keras.", flag_values=fv
+    )
     flags.mark_flag_as_required("checkpoint", flag_values=fv)
     flags.DEFINE_string("data", "fashion_mnist", "fashion_mnist (test split) or an image folder.", flag_values=fv)
     flags.DEFINE_integer("num_images", 32, "Images analysed (seeded random choice).", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("output_dir", "runs/analysis", "Where the CSV and PNG go.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the image choice and the masks.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1, flag_values=fv)
-    flags.DEFINE_float("mask_ratio", None, "Decoder analyses: mask ratio (default: the model's own).",
-                       flag_values=fv)
-    flags.DEFINE_bool("no_resize", False, "Require images of the model's size instead of resizing + "
-                      "centre-cropping.", flag_values=fv)
+    flags.DEFINE_float("mask_ratio", None, "Decoder analyses: mask ratio (default: the model's own).", flag_values=fv)
+    flags.DEFINE_bool(
+        "no_resize", False, "Require images of the model's size instead of resizing + centre-cropping.", flag_values=fv
+    )
 
 
 def define_rows_flag(default, help_text):
@@ -390,8 +444,14 @@ def define_rows_flag(default, help_text):
 
 
 def _attention_distance_flags(fv):
-    flags.DEFINE_float("encoder_mask_ratio", 0.0, "0: encoder on all patches (default); r>0: on the visible tokens "
-                       "of a random mask.", lower_bound=0, upper_bound=1, flag_values=fv)
+    flags.DEFINE_float(
+        "encoder_mask_ratio",
+        0.0,
+        "0: encoder on all patches (default); r>0: on the visible tokens of a random mask.",
+        lower_bound=0,
+        upper_bound=1,
+        flag_values=fv,
+    )
 
 
 def _attention_similarity_flags(fv):
@@ -401,22 +461,33 @@ def _attention_similarity_flags(fv):
 def _semantic_similarity_flags(fv):
     flags.DEFINE_string("reference", None, "A .keras model giving per-patch features (DINO's role).", flag_values=fv)
     flags.mark_flag_as_required("reference", flag_values=fv)
-    flags.DEFINE_enum("normalization", "cosine", ["cosine", "minmax"], "W: the cosine matrix itself, or min-max "
-                      "rescaled to [0, 1].", flag_values=fv)
+    flags.DEFINE_enum(
+        "normalization",
+        "cosine",
+        ["cosine", "minmax"],
+        "W: the cosine matrix itself, or min-max rescaled to [0, 1].",
+        flag_values=fv,
+    )
 
 
 def _attention_maps_flags(fv):
     define_rows_flag(2, "Images per query position.")(fv)
-    flags.DEFINE_list("query", None, "Comma-separated masked patch indices (default: near centre, near a corner).",
-                      flag_values=fv)
-    flags.register_validator("query", lambda v: v is None or all(q.lstrip("-").isdigit() for q in v),
-                             "must be comma-separated patch indices", flag_values=fv)
+    flags.DEFINE_list(
+        "query", None, "Comma-separated masked patch indices (default: near centre, near a corner).", flag_values=fv
+    )
+    flags.register_validator(
+        "query",
+        lambda v: v is None or all(q.lstrip("-").isdigit() for q in v),
+        "must be comma-separated patch indices",
+        flag_values=fv,
+    )
 
 
 def _clusters_flags(fv):
     define_rows_flag(6, "Images shown in the cluster maps.")(fv)
-    flags.DEFINE_integer("max_map_layers", 8, "At most this many layers in the maps figure.", lower_bound=1,
-                         flag_values=fv)
+    flags.DEFINE_integer(
+        "max_map_layers", 8, "At most this many layers in the maps figure.", lower_bound=1, flag_values=fv
+    )
 
 
 # subcommand -> (what it is, its own flags on top of define_common_flags)
@@ -444,7 +515,10 @@ FLAGS = {name: subcommand_flags(name) for name in SUBCOMMANDS}
 
 def usage():
     """``--help``: the docstring, then each subcommand's flags."""
-    parts = [__doc__.strip(), "usage: python tools/analyze.py SUBCOMMAND --checkpoint=PATH [flags] (SUBCOMMAND --help: its flags)"]
+    parts = [
+        __doc__.strip(),
+        "usage: python tools/analyze.py SUBCOMMAND --checkpoint=PATH [flags] (SUBCOMMAND --help: its flags)",
+    ]
     for name, (what, _) in SUBCOMMANDS.items():
         parts.append(f"{name}: {what}\n{FLAGS[name].get_help(include_special_flags=False)}")
     return "\n\n".join(parts) + "\n"

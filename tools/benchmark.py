@@ -133,8 +133,17 @@ def run_section(plan):
     records, failed = [], []
     for r in range(plan.rounds):
         for job in jobs if r % 2 == 0 else jobs[::-1]:
-            for rec in spawn(*job, plan.warmup, plan.steps, plan.pipeline_images, plan.batch, plan.peak_tflops,
-                             plan.reference_optimizer, plan.allocator, plan.reference_allocator):
+            for rec in spawn(
+                *job,
+                plan.warmup,
+                plan.steps,
+                plan.pipeline_images,
+                plan.batch,
+                plan.peak_tflops,
+                plan.reference_optimizer,
+                plan.allocator,
+                plan.reference_allocator,
+            ):
                 if "step_s" not in rec:
                     print(json.dumps(rec), flush=True)
                     failed.append(rec)
@@ -153,39 +162,63 @@ FLAGS = flags.FLAGS
 def define_flags():
     """The command line's flags. Defined when the script runs, not when it is
     imported (tests import it next to other modules' absl flags)."""
-    flags.DEFINE_enum("suite", None, sorted(SUITES),
-                      "run a fixed plan of sections: cpu (the CPU tables), gpu (ViT-B/16 in bf16 on a GPU), "
-                      "smoke (a minute-long check); it sets the measurement flags itself")
-    flags.DEFINE_string("markdown", None,
-                        "also write the figures as markdown tables naming the machine to this file ('-': stdout)")
+    flags.DEFINE_enum(
+        "suite",
+        None,
+        sorted(SUITES),
+        "run a fixed plan of sections: cpu (the CPU tables), gpu (ViT-B/16 in bf16 on a GPU), "
+        "smoke (a minute-long check); it sets the measurement flags itself",
+    )
+    flags.DEFINE_string(
+        "markdown", None, "also write the figures as markdown tables naming the machine to this file ('-': stdout)"
+    )
     flags.DEFINE_string("configs", "tiny32", f"comma list of configs ({', '.join(CONFIGS)})")
     flags.DEFINE_string("methods", "mae,lcmae", "comma list of methods: mae, lcmae, ae, finetune")
     flags.DEFINE_string("backends", "tensorflow,jax,torch", "comma list of Keras backends")
     flags.DEFINE_string("jit", "auto", "on, off, auto, or a comma list (e.g. on,off)")
     flags.DEFINE_string("dtype", "float32", "float32 or bfloat16 (mixed), or a comma list")
     flags.DEFINE_boolean("reference", False, "also time transformers' ViTMAE (torch) for mae")
-    flags.DEFINE_enum("reference_optimizer", "fused", ["fused", "plain"],
-                      "the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
-                      ">= 2.8, default) or plain (torch.optim.AdamW's own default)")
-    flags.DEFINE_enum("allocator", "tuned", ["tuned", "default"],
-                      "our workers' malloc: tuned (keras_lcmae.cpu.keep_freed_memory, as the recipes run, "
-                      "default) or default (glibc's own)")
-    flags.DEFINE_enum("reference_allocator", "default", ["default", "tuned"],
-                      "the HF reference's malloc: default (glibc's own, as transformers leaves it) or tuned "
-                      "(the same as ours)")
-    flags.DEFINE_boolean("pipeline", False,
-                         "also time the input pipeline (JPEG folder -> pretraining transform) at each config's size")
+    flags.DEFINE_enum(
+        "reference_optimizer",
+        "fused",
+        ["fused", "plain"],
+        "the HF reference's torch.optim.AdamW: fused (transformers' Trainer default on torch "
+        ">= 2.8, default) or plain (torch.optim.AdamW's own default)",
+    )
+    flags.DEFINE_enum(
+        "allocator",
+        "tuned",
+        ["tuned", "default"],
+        "our workers' malloc: tuned (keras_lcmae.cpu.keep_freed_memory, as the recipes run, "
+        "default) or default (glibc's own)",
+    )
+    flags.DEFINE_enum(
+        "reference_allocator",
+        "default",
+        ["default", "tuned"],
+        "the HF reference's malloc: default (glibc's own, as transformers leaves it) or tuned (the same as ours)",
+    )
+    flags.DEFINE_boolean(
+        "pipeline", False, "also time the input pipeline (JPEG folder -> pretraining transform) at each config's size"
+    )
     flags.DEFINE_integer("pipeline_images", None, "JPEG files made for --pipeline (default 256)")
-    flags.DEFINE_boolean("optimizer", False,
-                         "also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
-                         "(and torch.optim.AdamW on the torch backend), on each backend")
+    flags.DEFINE_boolean(
+        "optimizer",
+        False,
+        "also time one AdamW update of each config's MAE parameters: Keras' against the recipe's "
+        "(and torch.optim.AdamW on the torch backend), on each backend",
+    )
     flags.DEFINE_integer("rounds", 1, "run every measurement this many times, alternating order; steps are pooled")
     flags.DEFINE_integer("batch", None, "batch size in place of each config's (e.g. for a GPU)")
-    flags.DEFINE_float("peak_tflops", None,
-                       "the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)")
-    flags.DEFINE_string("accum_steps", DEFAULT_ACCUM_STEPS,
-                        "the finetune method's gradient-accumulation steps K, a comma list; each K is timed at the "
-                        "same micro-batch in its own process (default 1,4: without and with accumulation)")
+    flags.DEFINE_float(
+        "peak_tflops", None, "the device's peak TFLOP/s for the MFU figure (default: the table of GPUs, bf16 only)"
+    )
+    flags.DEFINE_string(
+        "accum_steps",
+        DEFAULT_ACCUM_STEPS,
+        "the finetune method's gradient-accumulation steps K, a comma list; each K is timed at the "
+        "same micro-batch in its own process (default 1,4: without and with accumulation)",
+    )
     flags.DEFINE_integer("warmup", 3, "untimed steps before the timed ones")
     flags.DEFINE_integer("steps", 10, "timed steps")
     flags.DEFINE_boolean("worker", False, "internal: run one measurement in this process (as spawn starts it)")
@@ -210,20 +243,42 @@ def checked_args():
         raise app.UsageError(f"--warmup must be 0 or more, got {args.warmup}")
     if not re.fullmatch(r"\d+(,\d+)*", args.accum_steps) or min(int(k) for k in args.accum_steps.split(",")) < 1:
         raise app.UsageError(
-            f"--accum_steps takes a comma list of positive integers (e.g. 1,4), got {args.accum_steps!r}")
+            f"--accum_steps takes a comma list of positive integers (e.g. 1,4), got {args.accum_steps!r}"
+        )
     if args.suite:
         given = [f"--{k}" for k in PLAN_FLAGS if getattr(args, k) != FLAGS[k].default]
         if given:
             raise app.UsageError(
                 f"--suite {args.suite} sets {', '.join(given)} itself; drop them (--batch, --peak_tflops, "
                 "--pipeline_images, --reference_optimizer, --allocator, --reference_allocator and --markdown may be "
-                "given)")
+                "given)"
+            )
     return args
 
 
-FLAG_NAMES = ("suite", "markdown", "configs", "methods", "backends", "jit", "dtype", "reference",
-              "reference_optimizer", "allocator", "reference_allocator", "pipeline", "pipeline_images", "optimizer",
-              "rounds", "batch", "peak_tflops", "accum_steps", "warmup", "steps", "worker")
+FLAG_NAMES = (
+    "suite",
+    "markdown",
+    "configs",
+    "methods",
+    "backends",
+    "jit",
+    "dtype",
+    "reference",
+    "reference_optimizer",
+    "allocator",
+    "reference_allocator",
+    "pipeline",
+    "pipeline_images",
+    "optimizer",
+    "rounds",
+    "batch",
+    "peak_tflops",
+    "accum_steps",
+    "warmup",
+    "steps",
+    "worker",
+)
 
 
 def main(argv):
@@ -240,9 +295,13 @@ def main(argv):
         print(json.dumps({"note": note}), flush=True)
     sections = [run_section(section_plan(args, spec)) for spec in specs]
     if args.markdown:
-        text = markdown_report([s[:2] for s in sections], command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
-                               failures=[f for s in sections for f in s[2]], note=note,
-                               title=f"{args.suite} suite" if args.suite else None)
+        text = markdown_report(
+            [s[:2] for s in sections],
+            command=" ".join(["python", "tools/benchmark.py", *sys.argv[1:]]),
+            failures=[f for s in sections for f in s[2]],
+            note=note,
+            title=f"{args.suite} suite" if args.suite else None,
+        )
         if args.markdown == "-":
             print(text, end="")
         else:

@@ -53,8 +53,10 @@ def fail(message):
 
 def usage(flag_values, doc, program):
     """The ``--help`` text: the tool's docstring, then its flags."""
-    return (f"{doc.strip()}\n\nflags of {program} (--name=value or --name value; --help: this text):\n"
-            f"{flag_values.get_help(include_special_flags=False)}\n")
+    return (
+        f"{doc.strip()}\n\nflags of {program} (--name=value or --name value; --help: this text):\n"
+        f"{flag_values.get_help(include_special_flags=False)}\n"
+    )
 
 
 def parse(flag_values, args, doc):
@@ -65,7 +67,7 @@ def parse(flag_values, args, doc):
     args = sys.argv[1:] if args is None else list(args)
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "tool"
     flag_values.unparse_flags()
-    if any(a in HELP for a in (args[:args.index("--")] if "--" in args else args)):
+    if any(a in HELP for a in (args[: args.index("--")] if "--" in args else args)):
         print(usage(flag_values, doc, program), flush=True)
         sys.exit(0)
     try:

@@ -23,15 +23,24 @@ import cli  # tools/cli.py, importable once tools/ is on the path
 
 SETTINGS = tuple("abcdefg")  # the keys of keras_lcmae.models.SETTINGS (parsing the flags imports no Keras)
 FLAGS = cli.new_flags()
-flags.DEFINE_string("settings", "a,b,c,e", "Comma list of the LC-MAE loss settings (a-g of the paper's Table 1) "
-                    "to train, one after the other.", flag_values=FLAGS)
-flags.register_validator("settings", lambda v: all(s.strip().strip("()").lower() in SETTINGS for s in v.split(",")),
-                         "must be a comma list of LC-MAE settings a-g", flag_values=FLAGS)
+flags.DEFINE_string(
+    "settings",
+    "a,b,c,e",
+    "Comma list of the LC-MAE loss settings (a-g of the paper's Table 1) to train, one after the other.",
+    flag_values=FLAGS,
+)
+flags.register_validator(
+    "settings",
+    lambda v: all(s.strip().strip("()").lower() in SETTINGS for s in v.split(",")),
+    "must be a comma list of LC-MAE settings a-g",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("steps", 300, "Training steps per setting.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.", lower_bound=0, flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Seed of the model, data order and masks (the same for every setting).",
-                     flag_values=FLAGS)
+flags.DEFINE_integer(
+    "seed", 0, "Seed of the model, data order and masks (the same for every setting).", flag_values=FLAGS
+)
 flags.DEFINE_integer("images", 2000, "Fashion-MNIST training images used.", lower_bound=1, flag_values=FLAGS)
 
 
@@ -85,8 +94,10 @@ def main(argv=None):
     images, _ = fashion_mnist_for_vit("train", image_size=32, channels=1, limit=FLAGS.images)
     images = (images - 0.286) / 0.353  # Fashion-MNIST mean/std
     for setting in FLAGS.settings.split(","):
-        print(json.dumps(run_setting(setting.strip(), images, FLAGS.steps, FLAGS.batch_size, FLAGS.lr, FLAGS.seed)),
-              flush=True)
+        print(
+            json.dumps(run_setting(setting.strip(), images, FLAGS.steps, FLAGS.batch_size, FLAGS.lr, FLAGS.seed)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

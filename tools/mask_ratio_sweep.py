@@ -48,18 +48,31 @@ def parse_ratios(text):
 
 
 FLAGS = cli.new_flags(own_flagfile=True)
-flags.DEFINE_string("mask_ratios", "0.3,0.45,0.6,0.75,0.9", "Comma list of the mask ratios to pretrain with.",
-                    flag_values=FLAGS)
-flags.register_validator("mask_ratios", lambda v: parse_ratios(v) is not None,
-                         "must be a comma list of distinct numbers strictly between 0 and 1", flag_values=FLAGS)
+flags.DEFINE_string(
+    "mask_ratios", "0.3,0.45,0.6,0.75,0.9", "Comma list of the mask ratios to pretrain with.", flag_values=FLAGS
+)
+flags.register_validator(
+    "mask_ratios",
+    lambda v: parse_ratios(v) is not None,
+    "must be a comma list of distinct numbers strictly between 0 and 1",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum("method", "mae", ["mae", "lcmae"], "Pretraining method.", flag_values=FLAGS)
-flags.DEFINE_string("flagfile", os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
-                    "Base flags of recipes/pretrain.py.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "flagfile",
+    os.path.join(ROOT, "recipes", "configs", "demo_cpu.flags"),
+    "Base flags of recipes/pretrain.py.",
+    flag_values=FLAGS,
+)
 flags.register_validator("flagfile", os.path.exists, "no such file", flag_values=FLAGS)
 flags.DEFINE_integer("epochs", 1, "Pretraining epochs per ratio.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("steps_per_epoch", 30, "Pretraining steps per epoch.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_multi_string("pretrain_flag", [], "Extra flag for recipes/pretrain.py (repeatable), e.g. "
-                          "--pretrain_flag=--batch_size=64.", flag_values=FLAGS)
+flags.DEFINE_multi_string(
+    "pretrain_flag",
+    [],
+    "Extra flag for recipes/pretrain.py (repeatable), e.g. --pretrain_flag=--batch_size=64.",
+    flag_values=FLAGS,
+)
 flags.DEFINE_string("output_dir", "runs/mask_ratio_sweep", "Runs, CSV and PNG go here.", flag_values=FLAGS)
 flags.DEFINE_string("data", "fashion_mnist", "Analysis images: fashion_mnist or a folder.", flag_values=FLAGS)
 flags.DEFINE_integer("num_images", 64, "Images for the attention distance.", lower_bound=1, flag_values=FLAGS)
@@ -77,13 +90,20 @@ def pretrain(args, ratio):
     if args.reuse and os.path.exists(encoder_path):
         return encoder_path, 0.0
     flags = [
-        f"--flagfile={args.flagfile}", f"--method={args.method}", f"--mask_ratio={ratio}",
-        f"--epochs={args.epochs}", f"--steps_per_epoch={args.steps_per_epoch}", "--monitor_every=0",
-        f"--seed={args.seed}", f"--output_dir={out}", *args.pretrain_flag,
+        f"--flagfile={args.flagfile}",
+        f"--method={args.method}",
+        f"--mask_ratio={ratio}",
+        f"--epochs={args.epochs}",
+        f"--steps_per_epoch={args.steps_per_epoch}",
+        "--monitor_every=0",
+        f"--seed={args.seed}",
+        f"--output_dir={out}",
+        *args.pretrain_flag,
     ]
     start = time.time()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *flags],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "pretrain.py"), *flags], capture_output=True, text=True, cwd=ROOT
+    )
     if result.returncode != 0 or not os.path.exists(encoder_path):
         raise RuntimeError(
             f"recipes/pretrain.py failed for mask ratio {ratio} (exit {result.returncode}); flags: "
@@ -120,10 +140,26 @@ def main(argv=None):
         per_head, uniform = measure(path, args)
         curves[ratio] = per_head.mean(axis=1)
         for l, heads in enumerate(per_head):
-            rows.append({"mask_ratio": ratio, "layer": l + 1, "distance_px": float(heads.mean()),
-                         "head_min_px": float(heads.min()), "head_max_px": float(heads.max())})
-        print(json.dumps({"mask_ratio": ratio, "encoder": path, "pretrain_seconds": round(seconds, 1),
-                          "distance_px": [round(float(v), 3) for v in curves[ratio]]}), flush=True)
+            rows.append(
+                {
+                    "mask_ratio": ratio,
+                    "layer": l + 1,
+                    "distance_px": float(heads.mean()),
+                    "head_min_px": float(heads.min()),
+                    "head_max_px": float(heads.max()),
+                }
+            )
+        print(
+            json.dumps(
+                {
+                    "mask_ratio": ratio,
+                    "encoder": path,
+                    "pretrain_seconds": round(seconds, 1),
+                    "distance_px": [round(float(v), 3) for v in curves[ratio]],
+                }
+            ),
+            flush=True,
+        )
     from keras_lcmae.analysis.plots import sweep_figure
 
     csv_path = os.path.join(args.output_dir, "mask_ratio_sweep.csv")

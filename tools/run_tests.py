@@ -53,10 +53,19 @@ def parse_backends(text):
 
 FLAGS = cli.new_flags()
 flags.DEFINE_string("backends", ",".join(BACKENDS), "Comma list of the backends to run a pass on.", flag_values=FLAGS)
-flags.register_validator("backends", lambda v: parse_backends(v) is not None,
-                         "takes a comma list of tensorflow, jax, torch", flag_values=FLAGS)
-flags.DEFINE_integer("workers", default_workers(), "pytest processes per pass (pytest-xdist); 1 runs each pass in one "
-                     "process (default: one per CPU core, at most 4).", lower_bound=1, flag_values=FLAGS)
+flags.register_validator(
+    "backends",
+    lambda v: parse_backends(v) is not None,
+    "takes a comma list of tensorflow, jax, torch",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "workers",
+    default_workers(),
+    "pytest processes per pass (pytest-xdist); 1 runs each pass in one process (default: one per CPU core, at most 4).",
+    lower_bound=1,
+    flag_values=FLAGS,
+)
 
 
 def have_xdist():

@@ -119,5 +119,5 @@ def load_checkpoint(path):
     raise ArgumentError(
         "path",
         f"{path!r} holds a {type(model).__name__}; expected an MAE/LC-MAE model "
-        "(checkpoints/epoch_NNN.keras of recipes/pretrain.py) or a ViTEncoder (encoder.keras)."
+        "(checkpoints/epoch_NNN.keras of recipes/pretrain.py) or a ViTEncoder (encoder.keras).",
     )

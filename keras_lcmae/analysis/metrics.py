@@ -64,8 +64,10 @@ def pairwise_patch_distances(grid_size, patch_size, positions=None):
         raise ValueError(f"positions must be (batch, tokens) patch indices, got shape {pos.shape}.")
     n = centers.shape[0]
     if pos.size and (pos.min() < 0 or pos.max() >= n):
-        raise ValueError(f"positions must index the {n} patches of a {tuple(grid_size)} grid, got values "
-                         f"in [{pos.min()}, {pos.max()}].")
+        raise ValueError(
+            f"positions must index the {n} patches of a {tuple(grid_size)} grid, got values "
+            f"in [{pos.min()}, {pos.max()}]."
+        )
     c = centers[pos]  # (B, K, 2)
     return np.sqrt(np.sum((c[:, :, None] - c[:, None, :]) ** 2, axis=-1))
 

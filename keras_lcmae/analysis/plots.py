@@ -107,8 +107,16 @@ def attention_maps_figure(pixels, masked, maps, cls_weights, queries, grid_size,
             m = maps[r, l].reshape(rows, cols)
             ax.imshow(np.kron(m, np.ones((patch_size, patch_size))), cmap="viridis")
             ax.add_patch(plt.Circle(centre, patch_size * 0.45, color="red", fill=False, lw=1.5))
-            ax.text(0.5, 0.5, f"cls {cls_weights[r, l]:.2f}", color="white", fontsize=6, va="top",
-                    transform=ax.transData, bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+            ax.text(
+                0.5,
+                0.5,
+                f"cls {cls_weights[r, l]:.2f}",
+                color="white",
+                fontsize=6,
+                va="top",
+                transform=ax.transData,
+                bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0),
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

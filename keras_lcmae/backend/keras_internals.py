@@ -216,8 +216,15 @@ class KerasAdamWFastUpdate:
             )
             return None
         torch_optim.foreach_keras_adam(
-            trainable_variables, grads, momentums, velocities, learning_rate, self.iterations + 1,
-            self.beta_1, self.beta_2, self.epsilon,
+            trainable_variables,
+            grads,
+            momentums,
+            velocities,
+            learning_rate,
+            self.iterations + 1,
+            self.beta_1,
+            self.beta_2,
+            self.epsilon,
         )
         return None
 
@@ -241,8 +248,15 @@ class LayerDecayAdamWFastUpdate:
             wd = self.weight_decay if self._decays[k] else 0.0
             groups.setdefault((lr * self._scales[k], float(wd)), []).append(i)
         torch_optim.fused_adamw_groups(
-            trainable_variables, grads, [self.momentums[k] for k in index], [self.velocities[k] for k in index],
-            groups, t, self.beta_1, self.beta_2, self.epsilon,
+            trainable_variables,
+            grads,
+            [self.momentums[k] for k in index],
+            [self.velocities[k] for k in index],
+            groups,
+            t,
+            self.beta_1,
+            self.beta_2,
+            self.epsilon,
         )
         return None
 

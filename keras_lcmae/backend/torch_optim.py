@@ -62,9 +62,19 @@ def fused_adamw_groups(variables, grads, momentums, velocities, groups, step, be
         t = torch.tensor(float(step), dtype=torch.float32)
         for (lr, wd), idx in groups.items():
             torch._fused_adamw_(
-                [params[i] for i in idx], [grads[i] for i in idx], [m[i] for i in idx], [v2[i] for i in idx], [],
-                [t] * len(idx), lr=lr, beta1=beta_1, beta2=beta_2, weight_decay=wd, eps=eps,
-                amsgrad=False, maximize=False,
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [m[i] for i in idx],
+                [v2[i] for i in idx],
+                [],
+                [t] * len(idx),
+                lr=lr,
+                beta1=beta_1,
+                beta2=beta_2,
+                weight_decay=wd,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
             )
 
 
@@ -80,8 +90,8 @@ def foreach_keras_adam(variables, grads, momentums, velocities, learning_rate, s
         dtype = params[0].dtype
         step = ops.cast(step, dtype)
         lr = ops.cast(learning_rate, dtype)
-        alpha = lr * ops.sqrt(1 - ops.power(ops.cast(beta_2, dtype), step)) / (
-            1 - ops.power(ops.cast(beta_1, dtype), step)
+        alpha = (
+            lr * ops.sqrt(1 - ops.power(ops.cast(beta_2, dtype), step)) / (1 - ops.power(ops.cast(beta_1, dtype), step))
         )
         torch._foreach_lerp_(m, grads, 1 - beta_1)  # m = b1 m + (1 - b1) g
         torch._foreach_mul_(v2, beta_2)

@@ -34,4 +34,3 @@ def _first_nonfinite(variables):
         if not ok:
             return getattr(variable, "path", None) or variable.name
     return None
-

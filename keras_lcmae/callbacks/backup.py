@@ -150,10 +150,10 @@ class SafeBackupAndRestore(SaveVeto, keras.callbacks.BackupAndRestore):
     (1, True)
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=True, delete_checkpoint=True,
-                 monitor="loss"):
-        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=double_checkpoint,
-                         delete_checkpoint=delete_checkpoint)
+    def __init__(self, backup_dir, save_freq="epoch", double_checkpoint=True, delete_checkpoint=True, monitor="loss"):
+        super().__init__(
+            backup_dir, save_freq=save_freq, double_checkpoint=double_checkpoint, delete_checkpoint=delete_checkpoint
+        )
         self.monitor = monitor
         self.diverged = False
         self.restored = None
@@ -234,17 +234,18 @@ class SafeBackupAndRestore(SaveVeto, keras.callbacks.BackupAndRestore):
                 warnings.warn(
                     f"The newest backup in {self.backup_dir} is unusable: {'; '.join(problems)}. Resuming from "
                     f"the previous generation ({os.path.basename(weights)}, epoch {metadata['epoch']}).",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 for source, target in zip((weights, metadata_path), generations[0]):
                     shutil.copyfile(source, target)
             set_initial_epoch(model, metadata["epoch"])
             set_backup_epoch(self, metadata["epoch"])
-            self.restored = dict(weights=weights, epoch=metadata["epoch"], batch=metadata["batch"],
-                                 fallback=bool(index))
+            self.restored = dict(
+                weights=weights, epoch=metadata["epoch"], batch=metadata["batch"], fallback=bool(index)
+            )
             return
-        names = ["the newest (latest.weights.h5 + training_metadata.json)",
-                 "the previous (*.bkp)"][:len(generations)]
+        names = ["the newest (latest.weights.h5 + training_metadata.json)", "the previous (*.bkp)"][: len(generations)]
         detail = "; ".join(f"{n}: {p}" for n, p in zip(names, problems))
         raise ValueError(
             f"Cannot resume from the backup folder {self.backup_dir}: no generation is usable ({detail}). "
@@ -272,8 +273,11 @@ class SafeBackupAndRestore(SaveVeto, keras.callbacks.BackupAndRestore):
     def _skip(self, reason):
         if not self._skip_warned:
             self._skip_warned = True
-            warnings.warn(f"Not writing a backup to {self.backup_dir}: {reason}; the previous backup is kept.",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"Not writing a backup to {self.backup_dir}: {reason}; the previous backup is kept.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def may_save(self):
         """Whether a backup may be written now (:class:`SaveVeto` asks before
@@ -294,9 +298,8 @@ class SafeBackupAndRestore(SaveVeto, keras.callbacks.BackupAndRestore):
                 warnings.warn(
                     f"Training diverged: keeping the backup in {self.backup_dir} (written before the divergence); "
                     "rerun with a lower learning rate to resume from it, or delete the folder to start afresh.",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
             return
         super().on_train_end(logs)
-
-

@@ -82,4 +82,3 @@ def last_good_checkpoint(folder):
         if _is_keras_archive(path):
             return path
     return None
-

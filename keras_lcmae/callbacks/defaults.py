@@ -10,8 +10,9 @@ from keras_lcmae.callbacks.logs import ReconstructionImages, SkippedFilesWarning
 from keras_lcmae.callbacks.schedules import InformedMaskingSchedule, StopAtStep
 
 
-def training_callbacks(output_dir, schedule, batch_size, total_steps=None, backup_every=0, accum_steps=1,
-                       log_every=0, before=(), after=()):
+def training_callbacks(
+    output_dir, schedule, batch_size, total_steps=None, backup_every=0, accum_steps=1, log_every=0, before=(), after=()
+):
     """The callbacks that make a ``fit`` resumable and watchable, in the
     order they must run (``recipes/finetune.py`` and ``recipes/linprobe.py``
     use them as they are; :func:`pretrain_callbacks` adds pretraining's):
@@ -55,8 +56,20 @@ def training_callbacks(output_dir, schedule, batch_size, total_steps=None, backu
 
 
 def pretrain_callbacks(
-    output_dir, model, schedule, batch_size, save_every=1, skipped=None, preview=None, mean=None, std=None,
-    backup_every=0, total_steps=None, monitors=(), log_every=0, accum_steps=1,
+    output_dir,
+    model,
+    schedule,
+    batch_size,
+    save_every=1,
+    skipped=None,
+    preview=None,
+    mean=None,
+    std=None,
+    backup_every=0,
+    total_steps=None,
+    monitors=(),
+    log_every=0,
+    accum_steps=1,
 ):
     """The callbacks of ``recipes/pretrain.py``: :func:`training_callbacks`
     with ``monitors`` (e.g. :class:`KNNMonitor`, :class:`LinearProbeMonitor`)
@@ -78,5 +91,6 @@ def pretrain_callbacks(
     after = [PeriodicCheckpoint(os.path.join(output_dir, "checkpoints"), save_every)]
     if preview is not None:
         after.append(ReconstructionImages(os.path.join(output_dir, "tensorboard"), preview, mean, std))
-    return training_callbacks(output_dir, schedule, batch_size, total_steps, backup_every, accum_steps, log_every,
-                              before, after)
+    return training_callbacks(
+        output_dir, schedule, batch_size, total_steps, backup_every, accum_steps, log_every, before, after
+    )

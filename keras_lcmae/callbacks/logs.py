@@ -174,5 +174,3 @@ class ReconstructionImages(keras.callbacks.Callback):
         with self._writer.as_default():
             tf.summary.image("reconstruction", picture, step=epoch)
         self._writer.flush()
-
-

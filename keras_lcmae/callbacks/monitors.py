@@ -18,8 +18,19 @@ class KNNMonitor(keras.callbacks.Callback):
     finetuned or probed), so the recipe shows it next to the online probe.
     """
 
-    def __init__(self, bank_images, bank_labels, query_images, query_labels, num_classes, k=20, temperature=0.07,
-                 pool="cls", every=1, batch_size=256):
+    def __init__(
+        self,
+        bank_images,
+        bank_labels,
+        query_images,
+        query_labels,
+        num_classes,
+        k=20,
+        temperature=0.07,
+        pool="cls",
+        every=1,
+        batch_size=256,
+    ):
         super().__init__()
         self.bank = (np.asarray(bank_images, np.float32), np.asarray(bank_labels))
         self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels))
@@ -31,8 +42,9 @@ class KNNMonitor(keras.callbacks.Callback):
     def accuracy(self):
         bank, _ = extract_features(self.model, self.bank[0], pool=self.pool, batch_size=self.batch_size)
         query, _ = extract_features(self.model, self.query[0], pool=self.pool, batch_size=self.batch_size)
-        return knn_accuracy(bank, self.bank[1], query, self.query[1], self.num_classes, k=self.k,
-                            temperature=self.temperature)
+        return knn_accuracy(
+            bank, self.bank[1], query, self.query[1], self.num_classes, k=self.k, temperature=self.temperature
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and (epoch + 1) % self.every == 0:
@@ -53,8 +65,20 @@ class LinearProbeMonitor(keras.callbacks.Callback):
     matrix products per evaluation.
     """
 
-    def __init__(self, bank_images, bank_labels, query_images, query_labels, num_classes, pool="cls", every=1,
-                 steps=300, learning_rate=0.5, l2=1e-4, batch_size=256):
+    def __init__(
+        self,
+        bank_images,
+        bank_labels,
+        query_images,
+        query_labels,
+        num_classes,
+        pool="cls",
+        every=1,
+        steps=300,
+        learning_rate=0.5,
+        l2=1e-4,
+        batch_size=256,
+    ):
         super().__init__()
         self.bank = (np.asarray(bank_images, np.float32), np.asarray(bank_labels))
         self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels))
@@ -67,8 +91,16 @@ class LinearProbeMonitor(keras.callbacks.Callback):
     def accuracy(self):
         bank, _ = extract_features(self.model, self.bank[0], pool=self.pool, batch_size=self.batch_size)
         query, _ = extract_features(self.model, self.query[0], pool=self.pool, batch_size=self.batch_size)
-        return linear_probe_accuracy(bank, self.bank[1], query, self.query[1], self.num_classes,
-                                     steps=self.steps, learning_rate=self.learning_rate, l2=self.l2)
+        return linear_probe_accuracy(
+            bank,
+            self.bank[1],
+            query,
+            self.query[1],
+            self.num_classes,
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            l2=self.l2,
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and (epoch + 1) % self.every == 0:
@@ -92,8 +124,19 @@ class OnlineLinearProbe(keras.callbacks.Callback):
     step. The head is not part of the backup: a resumed run starts it afresh.
     """
 
-    def __init__(self, train_images, train_labels, query_images, query_labels, num_classes, pool="cls", every=1,
-                 batch_size=64, learning_rate=0.1, seed=0):
+    def __init__(
+        self,
+        train_images,
+        train_labels,
+        query_images,
+        query_labels,
+        num_classes,
+        pool="cls",
+        every=1,
+        batch_size=64,
+        learning_rate=0.1,
+        seed=0,
+    ):
         super().__init__()
         self.train = (np.asarray(train_images, np.float32), np.asarray(train_labels).reshape(-1))
         self.query = (np.asarray(query_images, np.float32), np.asarray(query_labels).reshape(-1))
@@ -115,7 +158,7 @@ class OnlineLinearProbe(keras.callbacks.Callback):
         n = len(self.train[0])
         if self._order is None or self._pos + self.batch_size > n:
             self._order, self._pos = self.rng.permutation(n), 0
-        idx = self._order[self._pos:self._pos + self.batch_size]
+        idx = self._order[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return self.train[0][idx], self.train[1][idx]
 
@@ -145,5 +188,3 @@ class OnlineLinearProbe(keras.callbacks.Callback):
         logs["online_probe_top1"] = self.accuracy()
         if self._count:
             logs["online_probe_train_top1"] = self._correct / self._count
-
-

@@ -48,8 +48,9 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
 
     def __init__(self, start_epoch=None):
         super().__init__()
-        if start_epoch is not None and (isinstance(start_epoch, bool) or int(start_epoch) != start_epoch
-                                        or start_epoch < 0):
+        if start_epoch is not None and (
+            isinstance(start_epoch, bool) or int(start_epoch) != start_epoch or start_epoch < 0
+        ):
             raise ValueError(f"start_epoch must be an integer >= 0 or None (the model's), got {start_epoch!r}.")
         self.start_epoch = start_epoch
 
@@ -68,5 +69,3 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         start = self.model.masking.informed_start_epoch if self.start_epoch is None else int(self.start_epoch)
         self._variable().assign(1.0 if epoch >= start else 0.0)
-
-

@@ -77,8 +77,9 @@ def eval_transform(image_size, mean, std, crop_pct=0.875):
     return transform
 
 
-def mixup_cutmix(images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                 smoothing=0.1, seed=None):
+def mixup_cutmix(
+    images, labels, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1, seed=None
+):
     """Batch-level Mixup / CutMix with label smoothing, as timm's ``Mixup``
     (batch mode) used by the official MAE finetuning.
 

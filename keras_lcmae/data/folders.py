@@ -61,6 +61,7 @@ def read_image(path, channels=3):
         return None
     return arr
 
+
 def _check_image_paths(paths, where, channels, max_files, skipped):
     n = len(paths)
     if not n:
@@ -81,8 +82,10 @@ def _check_image_paths(paths, where, channels, max_files, skipped):
     elif len(candidates) == n:
         found = f"none of the {n} image files under {where!r} can be decoded (e.g. {names})"
     else:
-        found = (f"none of {len(candidates)} image files sampled across the {n} under {where!r} "
-                 f"can be decoded (e.g. {names})")
+        found = (
+            f"none of {len(candidates)} image files sampled across the {n} under {where!r} "
+            f"can be decoded (e.g. {names})"
+        )
     raise ValueError(f"{found}: corrupt or not images.")
 
 
@@ -158,5 +161,3 @@ def image_folder_dataset(root, channels=3, skipped=None, check=True):
     ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(lambda image, label, ok: ok).map(lambda image, label, ok: (image, label))
     return ds, classes, skipped, len(paths)
-
-

@@ -101,11 +101,12 @@ def labelled_dataset(
         ds = ds.batch(batch_size, drop_remainder=True if drop_remainder is None else drop_remainder)
     else:
         resize = eval_transform(image_size, mean, std, crop_pct)
-        ds = source.map(lambda image, label: (resize(image), tf.cast(label, tf.int32)),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = source.map(
+            lambda image, label: (resize(image), tf.cast(label, tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder))
         if repeat:
             ds = ds.repeat()
     return ds.prefetch(tf.data.AUTOTUNE)
-
-

@@ -14,8 +14,9 @@ TFRECORD_FEATURES = {
     "image": "encoded image bytes (JPEG/PNG/BMP/GIF)",
     "label": "int64 class index (optional; -1 when absent)",
 }
-_EXPECTED = ("expected 'image' (bytes_list: one encoded JPEG/PNG/BMP/GIF) and optionally "
-             "'label' (int64_list: one class index)")
+_EXPECTED = (
+    "expected 'image' (bytes_list: one encoded JPEG/PNG/BMP/GIF) and optionally 'label' (int64_list: one class index)"
+)
 
 
 def tfrecord_files(pattern_or_files):
@@ -33,8 +34,9 @@ def tfrecord_files(pattern_or_files):
             raise ValueError("the list of TFRecord files is empty.")
     for f in files:
         if tf.io.gfile.isdir(f):
-            raise ValueError(f"{f!r} is a folder, not a TFRecord file; give a glob such as "
-                             f"{os.path.join(f, '*.tfrecord')!r}.")
+            raise ValueError(
+                f"{f!r} is a folder, not a TFRecord file; give a glob such as {os.path.join(f, '*.tfrecord')!r}."
+            )
     return sorted(files)
 
 
@@ -131,16 +133,20 @@ def check_tfrecords(pattern_or_files, channels=3, need_labels=False):
         raise fail("no 'image' feature")
     image_kind = feats["image"].WhichOneof("kind")
     if image_kind != "bytes_list":
-        raise fail(f"feature 'image' is {image_kind or 'empty'}, not bytes_list (raw pixel arrays are not "
-                   "supported: store encoded PNG/JPEG bytes)")
+        raise fail(
+            f"feature 'image' is {image_kind or 'empty'}, not bytes_list (raw pixel arrays are not "
+            "supported: store encoded PNG/JPEG bytes)"
+        )
     if len(feats["image"].bytes_list.value) != 1:
         raise fail(f"feature 'image' holds {len(feats['image'].bytes_list.value)} values, not one")
     blob = feats["image"].bytes_list.value[0]
     try:
         image = tf.io.decode_image(blob, channels=channels, expand_animations=False)
     except tf.errors.OpError as e:
-        raise fail(f"feature 'image' ({len(blob)} bytes starting {blob[:8]!r}) does not decode as an image "
-                   f"({_tf_error_text(e)}); raw pixel bytes are not supported, store encoded PNG/JPEG") from None
+        raise fail(
+            f"feature 'image' ({len(blob)} bytes starting {blob[:8]!r}) does not decode as an image "
+            f"({_tf_error_text(e)}); raw pixel bytes are not supported, store encoded PNG/JPEG"
+        ) from None
     label = None
     if "label" in feats:
         label_kind = feats["label"].WhichOneof("kind")
@@ -164,8 +170,10 @@ def count_tfrecords(pattern_or_files):
         try:
             total += int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
         except tf.errors.OpError as e:
-            raise ValueError(f"{path!r} cannot be read to the end ({_tf_error_text(e)}): not a TFRecord file, "
-                             "or a truncated or corrupt one.") from None
+            raise ValueError(
+                f"{path!r} cannot be read to the end ({_tf_error_text(e)}): not a TFRecord file, "
+                "or a truncated or corrupt one."
+            ) from None
     return total
 
 
@@ -187,8 +195,9 @@ def tfrecord_dataset(pattern, channels=3, need_labels=False, skipped=None, check
     if check:
         check_tfrecords(files, channels=channels, need_labels=need_labels)
     skipped = skipped if skipped is not None else SkipCounter("TFRecord record(s)")
-    label_spec = (tf.io.FixedLenFeature([], tf.int64) if need_labels
-                  else tf.io.FixedLenFeature([], tf.int64, default_value=-1))
+    label_spec = (
+        tf.io.FixedLenFeature([], tf.int64) if need_labels else tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+    )
     spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": label_spec}
 
     def read_file(file_index, path):
@@ -236,8 +245,13 @@ def tfrecord_dataset(pattern, channels=3, need_labels=False, skipped=None, check
         return image, label
 
     ds = tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64), files))
-    ds = ds.interleave(read_file, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.interleave(
+        read_file,
+        cycle_length=tf.data.AUTOTUNE,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     ds = ds.scan(tf.fill([len(files)], tf.constant(-1, tf.int64)), count_gaps)
     return ds.filter(keep).map(drop_marker)

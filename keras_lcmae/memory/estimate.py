@@ -14,8 +14,19 @@ ESTIMATE_KEYS = ("parameters", "gradients", "optimizer_state", "accumulators", "
 # Optimizer state per trainable weight, in copies of it, by (lower-case)
 # optimizer class or name.
 OPTIMIZER_SLOTS = {
-    "adamw": 2, "adam": 2, "layerdecayadamw": 2, "layer_decay_adamw": 2, "lamb": 2, "nadam": 2, "adamax": 2,
-    "lars": 1, "momentum": 1, "rmsprop": 1, "adagrad": 1, "lion": 1, "sgd": 0,
+    "adamw": 2,
+    "adam": 2,
+    "layerdecayadamw": 2,
+    "layer_decay_adamw": 2,
+    "lamb": 2,
+    "nadam": 2,
+    "adamax": 2,
+    "lars": 1,
+    "momentum": 1,
+    "rmsprop": 1,
+    "adagrad": 1,
+    "lion": 1,
+    "sgd": 0,
 }
 
 
@@ -182,11 +193,14 @@ def activation_breakdown(geometry, batch_size, compute_bytes=4, attention=0, bac
             rows = 2 * b if g.job == "lcmae" else b
             t_enc, t_dec = 1 + g.visible, 1 + n
             w, out = g.decoder_hidden_dim, g.prediction_dim
-            parts["encoder_blocks"] = g.depth * block_activation_bytes(rows, t_enc, d, g.num_heads, g.mlp_ratio, s, c, backend)
+            parts["encoder_blocks"] = g.depth * block_activation_bytes(
+                rows, t_enc, d, g.num_heads, g.mlp_ratio, s, c, backend
+            )
             parts["encoder_norm"] = _norm_bytes(rows, t_enc, d, s)  # its output is the decoder_embed's input
             if g.decoder == "transformer":
                 parts["decoder"] = g.decoder_depth * block_activation_bytes(
-                    rows, t_dec, w, g.decoder_num_heads, g.decoder_mlp_ratio, s, c, backend)
+                    rows, t_dec, w, g.decoder_num_heads, g.decoder_mlp_ratio, s, c, backend
+                )
             elif g.decoder == "gaussian":  # the (N, N) weights and tokens of the average, one MLP half-block
                 parts["decoder"] = rows * n * (n * s + w * ((3 + 2 * g.decoder_mlp_ratio) * s + max(s, 4)))
             else:  # the conv's input
@@ -205,8 +219,17 @@ def activation_breakdown(geometry, batch_size, compute_bytes=4, attention=0, bac
     return {k: int(v) for k, v in parts.items()}
 
 
-def estimate_training_memory(model=None, batch_size=None, *, compute_dtype=None, optimizer=None, accum_steps=None,
-                             attention="auto", backend=None, **geometry):
+def estimate_training_memory(
+    model=None,
+    batch_size=None,
+    *,
+    compute_dtype=None,
+    optimizer=None,
+    accum_steps=None,
+    attention="auto",
+    backend=None,
+    **geometry,
+):
     """Bytes per device of one training step (:mod:`keras_lcmae.memory` docstring): a dict with
     ``parameters``, ``gradients``, ``optimizer_state``, ``accumulators``,
     ``activations`` and ``total`` (ints).

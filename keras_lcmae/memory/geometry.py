@@ -139,19 +139,29 @@ def model_geometry(model, **overrides):
     fields = {}
     if isinstance(model, ViTClassifier):
         encoder = model.encoder
-        fields.update(job="linprobe" if model.linear_probe else "finetune", num_classes=model.num_classes,
-                      pool=model.pool)
+        fields.update(
+            job="linprobe" if model.linear_probe else "finetune", num_classes=model.num_classes, pool=model.pool
+        )
     elif isinstance(model, ReconstructionModel):
         encoder = model.encoder
         job = "lcmae" if isinstance(model, LCMAE) else "ae" if isinstance(model, AutoEncoder) else "mae"
         decoder = model.decoder
-        kind = "gaussian" if isinstance(decoder, GaussianAverageDecoder) else "conv" if isinstance(decoder, ConvDecoder) else "transformer"
-        fields.update(job=job, decoder=kind, decoder_hidden_dim=decoder.hidden_dim, output_dim=model.decoder_output_dim())
+        kind = (
+            "gaussian"
+            if isinstance(decoder, GaussianAverageDecoder)
+            else "conv"
+            if isinstance(decoder, ConvDecoder)
+            else "transformer"
+        )
+        fields.update(
+            job=job, decoder=kind, decoder_hidden_dim=decoder.hidden_dim, output_dim=model.decoder_output_dim()
+        )
         if job != "ae":  # AE(k) masks nothing
             fields.update(mask_ratio=model.mask_ratio)
         if kind == "transformer":
-            fields.update(decoder_depth=decoder.depth, decoder_num_heads=decoder.num_heads,
-                          decoder_mlp_ratio=decoder.mlp_ratio)
+            fields.update(
+                decoder_depth=decoder.depth, decoder_num_heads=decoder.num_heads, decoder_mlp_ratio=decoder.mlp_ratio
+            )
         elif kind == "gaussian":
             fields.update(decoder_depth=0, decoder_mlp_ratio=decoder.mlp_ratio)
         else:
@@ -167,9 +177,15 @@ def model_geometry(model, **overrides):
             f"estimate_training_memory reads MAE, LCMAE, AutoEncoder, ViTClassifier or ViTEncoder models, got "
             f"{type(model).__name__}; pass a Geometry for anything else."
         )
-    fields.update(image_size=tuple(encoder.image_size), patch_size=encoder.patch_size,
-                  num_channels=encoder.num_channels, hidden_dim=encoder.hidden_dim, depth=encoder.depth,
-                  num_heads=encoder.num_heads, mlp_ratio=encoder.mlp_ratio)
+    fields.update(
+        image_size=tuple(encoder.image_size),
+        patch_size=encoder.patch_size,
+        num_channels=encoder.num_channels,
+        hidden_dim=encoder.hidden_dim,
+        depth=encoder.depth,
+        num_heads=encoder.num_heads,
+        mlp_ratio=encoder.mlp_ratio,
+    )
     if not isinstance(model, ViTEncoder):
         weights = model.weights
         trainable = {id(v) for v in model.trainable_weights}
@@ -188,4 +204,3 @@ def _size(v):
 def _itemsize(dtype):
     name = str(getattr(dtype, "name", dtype)).replace("torch.", "")
     return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}.get(name, 4)
-

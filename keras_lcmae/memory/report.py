@@ -38,4 +38,3 @@ def fits(estimate, device_memory_gb, headroom=DEFAULT_HEADROOM):
         raise ValueError(f"device_memory_gb must be positive, got {device_memory_gb!r}.")
     total = estimate["total"] if isinstance(estimate, dict) else int(estimate)
     return total <= (1.0 - headroom) * device_memory_gb * 2**30
-

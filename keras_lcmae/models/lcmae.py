@@ -28,9 +28,7 @@ def resolve_loss_weights(loss_weights):
     if isinstance(loss_weights, str):
         key = loss_weights.strip().lower().strip("()")
         if key not in SETTINGS:
-            raise ValueError(
-                f"Unknown LC-MAE setting {loss_weights!r}; choose one of a-g (Table 1 of the paper)."
-            )
+            raise ValueError(f"Unknown LC-MAE setting {loss_weights!r}; choose one of a-g (Table 1 of the paper).")
         loss_weights = SETTINGS[key]
     if isinstance(loss_weights, dict):
         unknown = set(loss_weights) - {"mae", "cross", "in"}
@@ -118,8 +116,9 @@ class LCMAE(MAE):
         **kwargs,
     ):
         kwargs.setdefault("name", "lcmae")
-        super().__init__(encoder, decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, seed=seed,
-                         masking=masking, **kwargs)
+        super().__init__(
+            encoder, decoder, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss, seed=seed, masking=masking, **kwargs
+        )
         if projector_input not in self.PROJECTOR_INPUTS:
             raise ValueError(f"projector_input must be one of {self.PROJECTOR_INPUTS}, got {projector_input!r}.")
         if in_view_target not in self.IN_VIEW_TARGETS:

@@ -78,8 +78,9 @@ class MAE(ReconstructionModel):
     ['loss', 'loss_mae']
     """
 
-    def __init__(self, encoder, decoder=None, mask_ratio=0.75, norm_pix_loss=True, seed=None, masking="random",
-                 **kwargs):
+    def __init__(
+        self, encoder, decoder=None, mask_ratio=0.75, norm_pix_loss=True, seed=None, masking="random", **kwargs
+    ):
         kwargs.setdefault("name", "mae")
         masking = get_masking(masking_from_legacy(masking, kwargs))
         encoder = as_encoder(encoder)
@@ -146,4 +147,3 @@ class MAE(ReconstructionModel):
         config = dict(config)
         config["masking"] = masking_from_legacy(config.get("masking", "random"), config, warn=False)
         return super().from_config(config)
-

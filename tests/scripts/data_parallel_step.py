@@ -13,13 +13,13 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 )
 
-import jax  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import keras
+import numpy as np
 
-from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder  # noqa: E402
-from keras_lcmae.data import fashion_mnist_for_vit  # noqa: E402
-from keras_lcmae.distribute import setup  # noqa: E402
+from keras_lcmae import LCMAE, MAE, TransformerDecoder, ViTEncoder
+from keras_lcmae.data import fashion_mnist_for_vit
+from keras_lcmae.distribute import setup
 
 method = sys.argv[1]
 images, _ = fashion_mnist_for_vit("test", image_size=32, channels=1, limit=8)
@@ -54,17 +54,21 @@ def step(init):
 init, t0, h1, w1, _, placed1 = step(None)
 dist = setup("data_parallel")
 _, _, h2, w2, free, placed2 = step(init)
-print(json.dumps({
-    "devices": len(jax.devices()),
-    "replicas": dist.num_replicas,
-    "weight_devices": [placed1, placed2],
-    "loss_single": h1["loss"][0],
-    "loss_parallel": h2["loss"][0],
-    "loss_mae_single": h1["loss_mae"][0],
-    "loss_mae_parallel": h2["loss_mae"][0],
-    "loss_cross_single": h1.get("loss_cross", [0.0])[0],
-    "loss_cross_parallel": h2.get("loss_cross", [0.0])[0],
-    "free_loss_finite": bool(np.isfinite(free["loss"][0])),
-    "max_weight_diff": float(max(np.abs(a - b).max() for a, b in zip(w1, w2))),
-    "max_update": float(max(np.abs(a - b).max() for a, b in zip(w1, t0))),
-}))
+print(
+    json.dumps(
+        {
+            "devices": len(jax.devices()),
+            "replicas": dist.num_replicas,
+            "weight_devices": [placed1, placed2],
+            "loss_single": h1["loss"][0],
+            "loss_parallel": h2["loss"][0],
+            "loss_mae_single": h1["loss_mae"][0],
+            "loss_mae_parallel": h2["loss_mae"][0],
+            "loss_cross_single": h1.get("loss_cross", [0.0])[0],
+            "loss_cross_parallel": h2.get("loss_cross", [0.0])[0],
+            "free_loss_finite": bool(np.isfinite(free["loss"][0])),
+            "max_weight_diff": float(max(np.abs(a - b).max() for a, b in zip(w1, w2))),
+            "max_update": float(max(np.abs(a - b).max() for a, b in zip(w1, t0))),
+        }
+    )
+)

@@ -33,8 +33,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_lcmae import LARS, ViTClassifier, ViTEncoder, finetune_adamw  # noqa: E402
-from keras_lcmae.optim import WarmupCosine  # noqa: E402
 from keras_lcmae.data import fashion_mnist_for_vit  # noqa: E402
+from keras_lcmae.optim import WarmupCosine  # noqa: E402
 
 images, labels = fashion_mnist_for_vit("test", image_size=32, channels=1, limit=32)  # two updates of 16
 labels = labels.astype("int32")
@@ -89,14 +89,18 @@ def absolute(a, b):
     return float(max(np.abs(x - y).max() for x, y in zip(a, b)))
 
 
-print(json.dumps({
-    "replicas": replicas,
-    "loss_single": h1["loss"][0],
-    "loss_distributed": h2["loss"][0],
-    "distributed_rel_diff": rel(single, dist_w),
-    "distributed_abs_diff": absolute(single, dist_w),
-    "accum_rel_diff": rel(single, accum_w),
-    "accum_abs_diff": absolute(single, accum_w),
-    "accum_updates": updates,
-    "max_update": float(max(np.abs(a - b).max() for a, b in zip(single, start_trainable))),
-}))
+print(
+    json.dumps(
+        {
+            "replicas": replicas,
+            "loss_single": h1["loss"][0],
+            "loss_distributed": h2["loss"][0],
+            "distributed_rel_diff": rel(single, dist_w),
+            "distributed_abs_diff": absolute(single, dist_w),
+            "accum_rel_diff": rel(single, accum_w),
+            "accum_abs_diff": absolute(single, accum_w),
+            "accum_updates": updates,
+            "max_update": float(max(np.abs(a - b).max() for a, b in zip(single, start_trainable))),
+        }
+    )
+)

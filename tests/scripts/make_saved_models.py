@@ -3,24 +3,39 @@
 Run once with the library of commit 4e3901b on TensorFlow:
     python tests/scripts/make_saved_models.py tests/data/saved_2026-12-03
 """
+
 import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-import keras, numpy as np
+import keras
+import numpy as np
+
 from keras_lcmae import ViTEncoder
-from keras_lcmae.models import MAE, LCMAE, AutoEncoder
-from keras_lcmae.decoders import TransformerDecoder, GaussianAverageDecoder, ConvDecoder
 from keras_lcmae.classifier import ViTClassifier
+from keras_lcmae.decoders import ConvDecoder, GaussianAverageDecoder, TransformerDecoder
+from keras_lcmae.models import LCMAE, MAE, AutoEncoder
 
 out = sys.argv[1]
 keras.utils.set_random_seed(0)
-enc = lambda: ViTEncoder.from_preset("vit_test")
-dec = lambda: TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)
+
+
+def enc():
+    return ViTEncoder.from_preset("vit_test")
+
+
+def dec():
+    return TransformerDecoder(hidden_dim=32, depth=1, num_heads=2)
+
+
 models = {
     "mae": MAE(enc(), dec(), seed=1),
-    "mae_self_guided": MAE(enc(), dec(), masking="self_guided", informed_start_epoch=2, hint_ratio=0.1, guide_layer=0, seed=2),
-    "lcmae": LCMAE(enc(), dec(), projector_dim=48, loss_weights="e", projector_input="hidden", in_view_target="norm_pixels", seed=3),
+    "mae_self_guided": MAE(
+        enc(), dec(), masking="self_guided", informed_start_epoch=2, hint_ratio=0.1, guide_layer=0, seed=2
+    ),
+    "lcmae": LCMAE(
+        enc(), dec(), projector_dim=48, loss_weights="e", projector_input="hidden", in_view_target="norm_pixels", seed=3
+    ),
     "autoencoder": AutoEncoder(enc(), GaussianAverageDecoder(hidden_dim=32, window=3), block_size=16),
     "autoencoder_conv": AutoEncoder(enc(), ConvDecoder(hidden_dim=32, kernel_size=3)),
     "classifier": ViTClassifier(enc(), num_classes=5, pool="avg"),

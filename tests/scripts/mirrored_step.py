@@ -68,15 +68,19 @@ def replica_masks():
 
 
 mask_disagreement, mask_mean = replica_masks()
-print(json.dumps({
-    "mask_disagreement": mask_disagreement,
-    "mask_mean": mask_mean,
-    "loss_single": h1["loss"][0],
-    "loss_mirrored": h2["loss"][0],
-    "loss_mae_single": h1["loss_mae"][0],
-    "loss_mae_mirrored": h2["loss_mae"][0],
-    "loss_cross_single": h1.get("loss_cross", [0.0])[0],
-    "loss_cross_mirrored": h2.get("loss_cross", [0.0])[0],
-    "max_weight_diff": float(max(np.abs(a - b).max() for a, b in zip(w1, w2))),
-    "max_update": float(max(np.abs(a - b).max() for a, b in zip(w1, t0))),
-}))
+print(
+    json.dumps(
+        {
+            "mask_disagreement": mask_disagreement,
+            "mask_mean": mask_mean,
+            "loss_single": h1["loss"][0],
+            "loss_mirrored": h2["loss"][0],
+            "loss_mae_single": h1["loss_mae"][0],
+            "loss_mae_mirrored": h2["loss_mae"][0],
+            "loss_cross_single": h1.get("loss_cross", [0.0])[0],
+            "loss_cross_mirrored": h2.get("loss_cross", [0.0])[0],
+            "max_weight_diff": float(max(np.abs(a - b).max() for a, b in zip(w1, w2))),
+            "max_update": float(max(np.abs(a - b).max() for a, b in zip(w1, t0))),
+        }
+    )
+)

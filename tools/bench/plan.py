@@ -9,7 +9,9 @@ from bench.machine import cpu_module
 CONFIGS = {
     "test": dict(image=32, patch=8, width=32, depth=2, heads=2, dec_width=32, dec_depth=1, dec_heads=2, batch=8),
     "tiny32": dict(image=32, patch=4, width=192, depth=12, heads=3, dec_width=128, dec_depth=2, dec_heads=4, batch=64),
-    "base224": dict(image=224, patch=16, width=768, depth=12, heads=12, dec_width=512, dec_depth=8, dec_heads=16, batch=8),
+    "base224": dict(
+        image=224, patch=16, width=768, depth=12, heads=12, dec_width=512, dec_depth=8, dec_heads=16, batch=8
+    ),
 }
 
 
@@ -39,51 +41,132 @@ SUITES = {
     "cpu": (  # docs/benchmarks.md on a CPU machine (about 30 min on 2 cores)
         # ours against HF: MAE alone in its process, as HF's is (the same
         # conditions; the method ratios come from the runs below)
-        dict(configs="tiny32", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
-             rounds=2, steps=10),
-        dict(configs="base224", methods="mae", backends="torch", dtype="float32,bfloat16", reference=True,
-             rounds=2, warmup=2, steps=5),
+        dict(
+            configs="tiny32",
+            methods="mae",
+            backends="torch",
+            dtype="float32,bfloat16",
+            reference=True,
+            rounds=2,
+            steps=10,
+        ),
+        dict(
+            configs="base224",
+            methods="mae",
+            backends="torch",
+            dtype="float32,bfloat16",
+            reference=True,
+            rounds=2,
+            warmup=2,
+            steps=5,
+        ),
         # the method ratios: the methods of one setting interleaved in one process
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", steps=8),
-        dict(configs="tiny32", methods="mae,lcmae,ae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
-             steps=10),  # fewer steps leave the LC-MAE/MAE ratio at the mercy of machine noise
+        dict(
+            configs="tiny32",
+            methods="mae,lcmae,ae",
+            backends="tensorflow",
+            jit="on,off",
+            dtype="float32,bfloat16",
+            steps=10,
+        ),  # fewer steps leave the LC-MAE/MAE ratio at the mercy of machine noise
         dict(configs="tiny32", methods="mae,lcmae,ae", backends="jax", steps=6),
         # eight steps: with fewer, one noisy step moves the LC-MAE/MAE ratio
         dict(configs="base224", methods="mae,lcmae,ae", backends="torch", dtype="bfloat16", warmup=2, steps=8),
-        dict(configs="base224", methods="mae", backends="tensorflow", jit="on,off", dtype="float32,bfloat16",
-             warmup=1, steps=3),
+        dict(
+            configs="base224",
+            methods="mae",
+            backends="tensorflow",
+            jit="on,off",
+            dtype="float32,bfloat16",
+            warmup=1,
+            steps=3,
+        ),
         dict(configs="base224", methods="mae", backends="jax", dtype="float32,bfloat16", warmup=1, steps=3),
         # two rounds, the second in reverse order: a slow spell of the machine during one job would skew the
         # pipeline/model ratio; alternating puts such a spell on both sides
-        dict(configs="tiny32,base224", methods="mae", backends="torch", dtype="bfloat16", pipeline=True, rounds=2,
-             warmup=2, steps=5),
+        dict(
+            configs="tiny32,base224",
+            methods="mae",
+            backends="torch",
+            dtype="bfloat16",
+            pipeline=True,
+            rounds=2,
+            warmup=2,
+            steps=5,
+        ),
         dict(configs="tiny32,base224", backends="torch", optimizer=True, models=False, warmup=2, steps=5),
     ),
     "gpu": (  # the GPU figures: ViT-B/16 in bf16 at a GPU-sized batch, HF on the same GPU
-        dict(configs="base224", methods="mae,lcmae,ae", backends="torch,jax,tensorflow", dtype="bfloat16",
-             reference=True, batch=64, warmup=3, steps=10),
-        dict(configs="tiny32", methods="mae,lcmae", backends="torch,jax,tensorflow", dtype="bfloat16",
-             reference=True, batch=256, warmup=3, steps=10),
+        dict(
+            configs="base224",
+            methods="mae,lcmae,ae",
+            backends="torch,jax,tensorflow",
+            dtype="bfloat16",
+            reference=True,
+            batch=64,
+            warmup=3,
+            steps=10,
+        ),
+        dict(
+            configs="tiny32",
+            methods="mae,lcmae",
+            backends="torch,jax,tensorflow",
+            dtype="bfloat16",
+            reference=True,
+            batch=256,
+            warmup=3,
+            steps=10,
+        ),
     ),
     "smoke": (  # a minute-long run of every kind of section, for tests and a first look
-        dict(configs="test", methods="mae,lcmae,ae", backends="torch", dtype="float32,bfloat16", reference=True,
-             warmup=1, steps=2),
-        dict(configs="test", methods="mae,lcmae,ae", backends="tensorflow", jit="off", pipeline=True,
-             pipeline_images=24, optimizer=True, warmup=1, steps=2),
+        dict(
+            configs="test",
+            methods="mae,lcmae,ae",
+            backends="torch",
+            dtype="float32,bfloat16",
+            reference=True,
+            warmup=1,
+            steps=2,
+        ),
+        dict(
+            configs="test",
+            methods="mae,lcmae,ae",
+            backends="tensorflow",
+            jit="off",
+            pipeline=True,
+            pipeline_images=24,
+            optimizer=True,
+            warmup=1,
+            steps=2,
+        ),
     ),
 }
 DEFAULT_ACCUM_STEPS = "1,4"
 # the flags a suite fixes (they may not be given with --suite)
-PLAN_FLAGS = ("configs", "methods", "backends", "jit", "dtype", "reference", "pipeline", "optimizer", "rounds",
-              "warmup", "steps")
+PLAN_FLAGS = (
+    "configs",
+    "methods",
+    "backends",
+    "jit",
+    "dtype",
+    "reference",
+    "pipeline",
+    "optimizer",
+    "rounds",
+    "warmup",
+    "steps",
+)
 
 
 def section_plan(args, spec=None):
     """The flags of one section: ``args`` with ``spec`` over them (a suite's
     section; ``models`` is True unless the spec says otherwise); ``--batch``
     and ``--pipeline_images`` given on the command line win over the spec."""
-    plan = {k: getattr(args, k) for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer", "allocator",
-                                                       "reference_allocator")}
+    plan = {
+        k: getattr(args, k)
+        for k in PLAN_FLAGS + ("batch", "peak_tflops", "reference_optimizer", "allocator", "reference_allocator")
+    }
     plan.update(models=True, pipeline_images=256, accum_steps=getattr(args, "accum_steps", None) or DEFAULT_ACCUM_STEPS)
     plan.update(spec or {})
     for key in ("batch", "pipeline_images"):
@@ -148,5 +231,7 @@ def suite_specs(name, native_bf16=True):
         return specs, None
     specs = tuple(dict(spec, dtype="float32") if "bfloat16" in spec.get("dtype", "") else spec for spec in specs)
     wanted = ", ".join(cpu_module().NATIVE_16BIT_FLAGS["bfloat16"])
-    return specs, (f"bfloat16 left out: this CPU has no native bf16 (none of the cpuinfo flags {wanted}), where "
-                   "it is emulated; every section runs in float32.")
+    return specs, (
+        f"bfloat16 left out: this CPU has no native bf16 (none of the cpuinfo flags {wanted}), where "
+        "it is emulated; every section runs in float32."
+    )

@@ -49,44 +49,75 @@ def ratios(results):
         for r in ok:
             for d in ok:
                 if r["method"] == num and d["method"] == den and all(r[k] == d[k] for k in same):
-                    out.append({"ratio": name, **{k: r[k] for k in same},
-                                "value": round(r["median_step_s"] / d["median_step_s"], 3)})
+                    out.append(
+                        {
+                            "ratio": name,
+                            **{k: r[k] for k in same},
+                            "value": round(r["median_step_s"] / d["median_step_s"], 3),
+                        }
+                    )
     for r in ok:
         if r["method"] == "update_keras_adamw":
             for o in ok:
                 if o["method"] == "update_ours_adamw" and o["config"] == r["config"] and o["backend"] == r["backend"]:
-                    out.append({"ratio": "keras AdamW update/ours", "config": r["config"], "backend": r["backend"],
-                                "value": round(r["median_step_s"] / o["median_step_s"], 3)})
+                    out.append(
+                        {
+                            "ratio": "keras AdamW update/ours",
+                            "config": r["config"],
+                            "backend": r["backend"],
+                            "value": round(r["median_step_s"] / o["median_step_s"], 3),
+                        }
+                    )
     for p in [r for r in ok if r["method"] == "pipeline"]:
         models = [m for m in ok if m["config"] == p["config"] and m["method"] in ("mae", "lcmae", "ae")]
         if models:
             best = max(models, key=lambda m: m["images_per_s"])
-            out.append({"ratio": "pipeline/fastest model images_per_s", "config": p["config"],
-                        "model": f"{best['method']} {best['backend']} jit={best['jit']} {best['dtype']}",
-                        "value": round(p["images_per_s"] / best["images_per_s"], 3)})
+            out.append(
+                {
+                    "ratio": "pipeline/fastest model images_per_s",
+                    "config": p["config"],
+                    "model": f"{best['method']} {best['backend']} jit={best['jit']} {best['dtype']}",
+                    "value": round(p["images_per_s"] / best["images_per_s"], 3),
+                }
+            )
     refs = [r for r in ok if r["backend"] == "hf_torch"]
     ours = [m for m in ok if m["method"] == "mae" and m["backend"] not in ("hf_torch", "pipeline")]
     for ref in refs:
         for m in ours:
             if m["config"] == ref["config"] and m["dtype"] == ref["dtype"]:
-                out.append({"ratio": "ours/hf_torch images_per_s (same dtype)", **{k: m[k] for k in same},
-                            "value": round(m["images_per_s"] / ref["images_per_s"], 3)})
+                out.append(
+                    {
+                        "ratio": "ours/hf_torch images_per_s (same dtype)",
+                        **{k: m[k] for k in same},
+                        "value": round(m["images_per_s"] / ref["images_per_s"], 3),
+                    }
+                )
     for config in dict.fromkeys(r["config"] for r in refs):
         cr = [r for r in refs if r["config"] == config]
         co = [m for m in ours if m["config"] == config]
         if cr and co:
             ref, best = max(cr, key=lambda r: r["images_per_s"]), max(co, key=lambda m: m["images_per_s"])
-            out.append({"ratio": "best ours/best hf_torch images_per_s", "config": config,
-                        "ours": f"{best['backend']} jit={best['jit']} {best['dtype']}", "hf_torch": ref["dtype"],
-                        "value": round(best["images_per_s"] / ref["images_per_s"], 3)})
+            out.append(
+                {
+                    "ratio": "best ours/best hf_torch images_per_s",
+                    "config": config,
+                    "ours": f"{best['backend']} jit={best['jit']} {best['dtype']}",
+                    "hf_torch": ref["dtype"],
+                    "value": round(best["images_per_s"] / ref["images_per_s"], 3),
+                }
+            )
     for r in ok:
         k = finetune_accum_steps(r["method"])
         if not k or k == 1:
             continue
         for d in ok:
             if d["method"] == "finetune" and all(r[key] == d[key] for key in same):
-                rec = {"ratio": f"{r['method']}_step/finetune_step", **{key: r[key] for key in same}, "accum_steps": k,
-                       "value": round(r["median_step_s"] / d["median_step_s"], 3)}
+                rec = {
+                    "ratio": f"{r['method']}_step/finetune_step",
+                    **{key: r[key] for key in same},
+                    "accum_steps": k,
+                    "value": round(r["median_step_s"] / d["median_step_s"], 3),
+                }
                 for mem in ("peak_rss_mb", "peak_device_mb", "estimated_mb"):
                     if r.get(mem) is not None and d.get(mem) is not None:
                         rec[f"{mem}_added"] = round(r[mem] - d[mem], 1)
@@ -100,8 +131,10 @@ METHOD_NAMES = {"mae": "MAE", "lcmae": "LC-MAE", "ae": "AE"}
 def describe_config(name, batch=None):
     """One line naming a config's sizes, e.g. for a table's heading."""
     c = dict(CONFIGS[name])
-    return (f"{name}: ViT {c['width']}x{c['depth']} ({c['heads']} heads), {c['image']} px, patch {c['patch']}, "
-            f"decoder {c['dec_width']}x{c['dec_depth']} ({c['dec_heads']} heads), batch {batch or c['batch']}")
+    return (
+        f"{name}: ViT {c['width']}x{c['depth']} ({c['heads']} heads), {c['image']} px, patch {c['patch']}, "
+        f"decoder {c['dec_width']}x{c['dec_depth']} ({c['dec_heads']} heads), batch {batch or c['batch']}"
+    )
 
 
 def _fmt(value, spec):
@@ -115,8 +148,10 @@ def finetune_notes(run, records, found):
     lines = []
     tuned = [r for r in records if finetune_accum_steps(r["method"])]
     for key in dict.fromkeys((r["backend"], r["jit"], r["dtype"]) for r in tuned):
-        recs = sorted((r for r in tuned if (r["backend"], r["jit"], r["dtype"]) == key),
-                      key=lambda r: finetune_accum_steps(r["method"]))
+        recs = sorted(
+            (r for r in tuned if (r["backend"], r["jit"], r["dtype"]) == key),
+            key=lambda r: finetune_accum_steps(r["method"]),
+        )
         parts = []
         for r in recs:
             k = finetune_accum_steps(r["method"])
@@ -126,15 +161,25 @@ def finetune_notes(run, records, found):
             if r.get("estimated_mb") is not None:
                 mem += f", estimated {r['estimated_mb']:.0f} MB"
             part = f"K={k} {_fmt(r['images_per_s'], '.4g')} images/s ({mem})"
-            q = next((q for q in found if q["ratio"] == f"{r['method']}_step/finetune_step"
-                      and (q["backend"], q["jit"], q["dtype"]) == key and q.get("config") == r["config"]), None)
+            q = next(
+                (
+                    q
+                    for q in found
+                    if q["ratio"] == f"{r['method']}_step/finetune_step"
+                    and (q["backend"], q["jit"], q["dtype"]) == key
+                    and q.get("config") == r["config"]
+                ),
+                None,
+            )
             if q:
                 added = q.get("peak_device_mb_added", q.get("peak_rss_mb_added"))
                 part += f", step **{q['value']:.3f}x** K=1's" + (f", {added:+.0f} MB" if added is not None else "")
             parts.append(part)
         backend, jit, dtype = key
-        lines.append(f"- Run {run}: finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch {recs[0]['batch']}, "
-                     f"{backend} jit={jit} {dtype}): " + "; ".join(parts) + ".")
+        lines.append(
+            f"- Run {run}: finetune (ViTClassifier, avg pool, finetune_adamw; micro-batch {recs[0]['batch']}, "
+            f"{backend} jit={jit} {dtype}): " + "; ".join(parts) + "."
+        )
     return lines
 
 
@@ -156,13 +201,20 @@ def markdown_report(sections, command, when=None, failures=(), note=None, title=
     versions = sorted({r["version"] for r in everything if r.get("version")})
     device = "; ".join(devices) or "an unknown device"
     title = f"## {when.split()[0]} — {title or 'benchmark'}, {device}, commit {commit or git_commit()}"
-    lines = [title, "",
-             f"Measured {when} on {device}.", "",
-             f"Versions: {'; '.join(versions)}.", "",
-             f"Command: `{command}`", "",
-             "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds). A run is one "
-             "section of the plan (its own processes and rounds); every ratio is taken within one run, and the "
-             "methods of a row share one process, steps interleaved. Peak RSS: the row's largest process.", ""]
+    lines = [
+        title,
+        "",
+        f"Measured {when} on {device}.",
+        "",
+        f"Versions: {'; '.join(versions)}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Images/s = batch / median step time (timed steps after warm-up, pooled over rounds). A run is one "
+        "section of the plan (its own processes and rounds); every ratio is taken within one run, and the "
+        "methods of a row share one process, steps interleaved. Peak RSS: the row's largest process.",
+        "",
+    ]
     if note:
         lines += [note, ""]
     configs = list(dict.fromkeys(r["config"] for r in everything))
@@ -177,29 +229,53 @@ def markdown_report(sections, command, when=None, failures=(), note=None, title=
                     if q["ratio"] == name and q.get("config") == config and all(q.get(k) == v for k, v in keys.items()):
                         return q["value"]
                 return None
+
             refs = {r["dtype"]: r for r in here if r["backend"] == "hf_torch"}
-            settings = list(dict.fromkeys((r["backend"], r["jit"], r["dtype"]) for r in here
-                                          if r["method"] in METHOD_NAMES and r["backend"] != "hf_torch"))
+            settings = list(
+                dict.fromkeys(
+                    (r["backend"], r["jit"], r["dtype"])
+                    for r in here
+                    if r["method"] in METHOD_NAMES and r["backend"] != "hf_torch"
+                )
+            )
             for backend, jit, dtype in settings:
-                by = {r["method"]: r for r in here if (r["backend"], r["jit"], r["dtype"]) == (backend, jit, dtype)
-                      and not finetune_accum_steps(r["method"])}  # finetune: lines of its own below
+                by = {
+                    r["method"]: r
+                    for r in here
+                    if (r["backend"], r["jit"], r["dtype"]) == (backend, jit, dtype)
+                    and not finetune_accum_steps(r["method"])
+                }  # finetune: lines of its own below
                 mae_rec = by.get("mae", {})
                 ref = refs.get(dtype)
                 keys = dict(backend=backend, jit=jit, dtype=dtype)
-                cells = [run, backend, jit, dtype] + [_fmt(by[m]["images_per_s"] if m in by else None, ".4g") for m in METHOD_NAMES]
+                cells = [run, backend, jit, dtype] + [
+                    _fmt(by[m]["images_per_s"] if m in by else None, ".4g") for m in METHOD_NAMES
+                ]
                 cells.append(_fmt(mae_rec.get("tflops"), ".3g"))
                 if has_mfu:
                     cells.append(_fmt(mae_rec.get("mfu"), ".1%"))
                 same = ratio("ours/hf_torch images_per_s (same dtype)", **keys)
-                cells += [_fmt(ratio("lcmae_step/mae_step", **keys), ".3f"), _fmt(ratio("mae_step/ae_step", **keys), ".3f"),
-                          _fmt(ref["images_per_s"] if ref else None, ".4g"), f"{same:.3f}x" if same else "",
-                          _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f")]
+                cells += [
+                    _fmt(ratio("lcmae_step/mae_step", **keys), ".3f"),
+                    _fmt(ratio("mae_step/ae_step", **keys), ".3f"),
+                    _fmt(ref["images_per_s"] if ref else None, ".4g"),
+                    f"{same:.3f}x" if same else "",
+                    _fmt(max(r["peak_rss_mb"] for r in by.values()), ".0f"),
+                ]
                 rows.append(cells)
             for dtype, ref in refs.items():
                 label = f"HF ViTMAE (transformers, PyTorch eager, {ref.get('optimizer', 'torch.optim.AdamW')}"
                 label += f", {ref['allocator']} malloc)" if ref.get("allocator") else ")"
-                cells = [run, label, "", dtype + (" autocast" if dtype == "bfloat16" else ""),
-                         _fmt(ref["images_per_s"], ".4g"), "", "", _fmt(ref.get("tflops"), ".3g")]
+                cells = [
+                    run,
+                    label,
+                    "",
+                    dtype + (" autocast" if dtype == "bfloat16" else ""),
+                    _fmt(ref["images_per_s"], ".4g"),
+                    "",
+                    "",
+                    _fmt(ref.get("tflops"), ".3g"),
+                ]
                 if has_mfu:
                     cells.append(_fmt(ref.get("mfu"), ".1%"))
                 rows.append(cells + ["", "", "", "", _fmt(ref.get("peak_rss_mb"), ".0f")])
@@ -208,27 +284,41 @@ def markdown_report(sections, command, when=None, failures=(), note=None, title=
                 if q.get("config") != config:
                     continue
                 if q["ratio"] == "best ours/best hf_torch images_per_s":
-                    notes.append(f"- Run {run}: best ours / best HF ViTMAE **{q['value']:.3f}x** (ours: {q['ours']}; HF: {q['hf_torch']}).")
+                    notes.append(
+                        f"- Run {run}: best ours / best HF ViTMAE **{q['value']:.3f}x** (ours: {q['ours']}; HF: {q['hf_torch']})."
+                    )
                 elif q["ratio"] == "pipeline/fastest model images_per_s":
                     pipe = next(r for r in here if r["method"] == "pipeline")
-                    notes.append(f"- Run {run}: input pipeline (JPEG folder, pretraining transform) {pipe['images_per_s']:.4g} images/s, "
-                                 f"**{q['value']:.3g}x** the fastest model of its run ({q['model']}).")
+                    notes.append(
+                        f"- Run {run}: input pipeline (JPEG folder, pretraining transform) {pipe['images_per_s']:.4g} images/s, "
+                        f"**{q['value']:.3g}x** the fastest model of its run ({q['model']})."
+                    )
                 elif q["ratio"] == "keras AdamW update/ours":
-                    ups = {r["method"]: r["median_step_s"] for r in here
-                           if r["backend"] == q["backend"] and r["method"].startswith("update_")}
-                    torch_part = (f", torch.optim.AdamW {ups['update_torch_adamw']:.3g} s"
-                                  if "update_torch_adamw" in ups else "")
+                    ups = {
+                        r["method"]: r["median_step_s"]
+                        for r in here
+                        if r["backend"] == q["backend"] and r["method"].startswith("update_")
+                    }
+                    torch_part = (
+                        f", torch.optim.AdamW {ups['update_torch_adamw']:.3g} s" if "update_torch_adamw" in ups else ""
+                    )
                     if "update_torch_adamw_fused" in ups:
                         torch_part += f" (fused: {ups['update_torch_adamw_fused']:.3g} s)"
-                    notes.append(f"- Run {run}: one AdamW update of the MAE parameters ({q['backend']}): Keras' "
-                                 f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
-                                 f"{torch_part} (Keras/recipe {q['value']:.3g}x).")
+                    notes.append(
+                        f"- Run {run}: one AdamW update of the MAE parameters ({q['backend']}): Keras' "
+                        f"{ups['update_keras_adamw']:.3g} s, the recipe's {ups['update_ours_adamw']:.3g} s"
+                        f"{torch_part} (Keras/recipe {q['value']:.3g}x)."
+                    )
         batch = next((r["batch"] for r in everything if r["config"] == config and r.get("batch")), None)
         lines += [f"### {describe_config(config, batch)}", ""]
         if rows:
-            head = ["run", "backend", "jit_compile", "dtype"] + [f"{n} images/s" for n in METHOD_NAMES.values()] + [
-                "MAE TFLOP/s"] + (["MAE MFU"] if has_mfu else []) + [
-                "LC-MAE/MAE step", "MAE/AE step", "HF ViTMAE images/s, same run and dtype", "ours/HF", "peak RSS MB"]
+            head = (
+                ["run", "backend", "jit_compile", "dtype"]
+                + [f"{n} images/s" for n in METHOD_NAMES.values()]
+                + ["MAE TFLOP/s"]
+                + (["MAE MFU"] if has_mfu else [])
+                + ["LC-MAE/MAE step", "MAE/AE step", "HF ViTMAE images/s, same run and dtype", "ours/HF", "peak RSS MB"]
+            )
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in rows]
             lines.append("")
@@ -236,26 +326,37 @@ def markdown_report(sections, command, when=None, failures=(), note=None, title=
             lines += notes + [""]
     if failures:
         lines += ["### Jobs that failed", ""]
-        lines += [f"- {f.get('config')} {f.get('method')} {f.get('backend')} jit={f.get('jit')}: "
-                  f"{' '.join(f.get('error') or ['no output'])}" for f in failures]
+        lines += [
+            f"- {f.get('config')} {f.get('method')} {f.get('backend')} jit={f.get('jit')}: "
+            f"{' '.join(f.get('error') or ['no output'])}"
+            for f in failures
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
-RESULTS_MARKER = ("<!-- results: newest first; tools/benchmark.py --markdown docs/benchmarks.md "
-                  "inserts new sections below this line -->")
+RESULTS_MARKER = (
+    "<!-- results: newest first; tools/benchmark.py --markdown docs/benchmarks.md "
+    "inserts new sections below this line -->"
+)
 
 
 def git_commit():
     """The short hash of the checkout's HEAD, with ``+changes`` when the work
     tree differs from it; ``unknown`` outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head.stdout.strip() + ("+changes" if dirty else "")

@@ -31,7 +31,9 @@ def time_steps(step, warmup, steps):
 def build_model(method, c):
     from keras_lcmae import LCMAE, MAE, AutoEncoder, TransformerDecoder, ViTEncoder
 
-    encoder = ViTEncoder(image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"], num_heads=c["heads"])
+    encoder = ViTEncoder(
+        image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"], num_heads=c["heads"]
+    )
     decoder = TransformerDecoder(c["dec_width"], c["dec_depth"], c["dec_heads"])
     if method == "mae":
         return MAE(encoder, decoder, mask_ratio=0.75, seed=0)
@@ -53,12 +55,16 @@ def build_finetune(c, accum_steps=1, jit="auto"):
 
     from keras_lcmae import ViTClassifier, ViTEncoder, optim
 
-    encoder = ViTEncoder(image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"],
-                         num_heads=c["heads"])
+    encoder = ViTEncoder(
+        image_size=c["image"], patch_size=c["patch"], hidden_dim=c["width"], depth=c["depth"], num_heads=c["heads"]
+    )
     model = ViTClassifier(encoder, FINETUNE_CLASSES, pool="avg")
     extra = {"accum_steps": accum_steps} if accum_steps > 1 else {}  # K = 1: the optimizer as the recipe builds it
-    model.compile(optimizer=optim.finetune_adamw(model, 1e-4, **extra),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    model.compile(
+        optimizer=optim.finetune_adamw(model, 1e-4, **extra),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
     return model
 
 
@@ -147,7 +153,10 @@ def optimizer_worker(args):
         opt = cls(1e-4, weight_decay=0.05, beta_1=0.9, beta_2=0.95)
         opt.exclude_from_weight_decay(var_list=optim.decay_exclusions(model))
         opt.build(variables)
-        updates[name] = lambda opt=opt: (opt.apply(grads, variables), float(keras.ops.convert_to_numpy(variables[0][0]).ravel()[0]))
+        updates[name] = lambda opt=opt: (
+            opt.apply(grads, variables),
+            float(keras.ops.convert_to_numpy(variables[0][0]).ravel()[0]),
+        )
     if keras.backend.backend() == "torch":
         import torch
 
@@ -187,7 +196,7 @@ def make_jpeg_folder(root, n, seed=0):
         y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
         folder = os.path.join(root, f"class_{i % 4}")
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(photo[y:y + h, x:x + w, :3]).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+        Image.fromarray(photo[y : y + h, x : x + w, :3]).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
     return root
 
 
@@ -205,8 +214,9 @@ def pipeline_worker(args):
     with tempfile.TemporaryDirectory() as root:
         make_jpeg_folder(root, args.pipeline_images)
         source, _, _, _ = data.image_folder_dataset(root, channels=3)
-        ds = data.batched_pretrain_dataset(source, c["batch"], c["image"], data.IMAGENET_MEAN, data.IMAGENET_STD,
-                                           seed=0, shuffle_buffer=1000)
+        ds = data.batched_pretrain_dataset(
+            source, c["batch"], c["image"], data.IMAGENET_MEAN, data.IMAGENET_STD, seed=0, shuffle_buffer=1000
+        )
         it = iter(ds)
 
         def chunk(n=8):  # 8 batches a timed step, so prefetched batches cannot flatter the median
@@ -222,10 +232,21 @@ def hf_config(c, **kwargs):
     from transformers import ViTMAEConfig
 
     return ViTMAEConfig(
-        image_size=c["image"], patch_size=c["patch"], num_channels=3, hidden_size=c["width"], num_hidden_layers=c["depth"],
-        num_attention_heads=c["heads"], intermediate_size=4 * c["width"], decoder_hidden_size=c["dec_width"],
-        decoder_num_hidden_layers=c["dec_depth"], decoder_num_attention_heads=c["dec_heads"],
-        decoder_intermediate_size=4 * c["dec_width"], mask_ratio=0.75, norm_pix_loss=True, layer_norm_eps=1e-6, **kwargs,
+        image_size=c["image"],
+        patch_size=c["patch"],
+        num_channels=3,
+        hidden_size=c["width"],
+        num_hidden_layers=c["depth"],
+        num_attention_heads=c["heads"],
+        intermediate_size=4 * c["width"],
+        decoder_hidden_size=c["dec_width"],
+        decoder_num_hidden_layers=c["dec_depth"],
+        decoder_num_attention_heads=c["dec_heads"],
+        decoder_intermediate_size=4 * c["dec_width"],
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+        layer_norm_eps=1e-6,
+        **kwargs,
     )
 
 
@@ -317,13 +338,49 @@ def emit(args, method, times, batch, version):
     print(json.dumps(with_rates(rec, times)), flush=True)
 
 
-def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=256, batch=None, peak_tflops=None,
-          reference_optimizer="fused", allocator="tuned", reference_allocator="default"):
+def spawn(
+    config,
+    method,
+    backend,
+    jit,
+    dtype,
+    warmup,
+    steps,
+    pipeline_images=256,
+    batch=None,
+    peak_tflops=None,
+    reference_optimizer="fused",
+    allocator="tuned",
+    reference_allocator="default",
+):
     """Runs one worker process; returns its JSON records (one per method)."""
-    cmd = [sys.executable, BENCHMARK_SCRIPT, "--worker", "--configs", config, "--methods", method,
-           "--backends", backend, "--jit", jit, "--dtype", dtype, "--warmup", str(warmup), "--steps", str(steps),
-           "--pipeline_images", str(pipeline_images), "--reference_optimizer", reference_optimizer,
-           "--allocator", allocator, "--reference_allocator", reference_allocator]
+    cmd = [
+        sys.executable,
+        BENCHMARK_SCRIPT,
+        "--worker",
+        "--configs",
+        config,
+        "--methods",
+        method,
+        "--backends",
+        backend,
+        "--jit",
+        jit,
+        "--dtype",
+        dtype,
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+        "--pipeline_images",
+        str(pipeline_images),
+        "--reference_optimizer",
+        reference_optimizer,
+        "--allocator",
+        allocator,
+        "--reference_allocator",
+        reference_allocator,
+    ]
     if batch:
         cmd += ["--batch", str(batch)]
     if peak_tflops:
@@ -333,4 +390,12 @@ def spawn(config, method, backend, jit, dtype, warmup, steps, pipeline_images=25
         env["KERAS_BACKEND"] = backend
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return records or [{"config": config, "method": method, "backend": backend, "jit": jit, "error": proc.stderr.strip().splitlines()[-1:]}]
+    return records or [
+        {
+            "config": config,
+            "method": method,
+            "backend": backend,
+            "jit": jit,
+            "error": proc.stderr.strip().splitlines()[-1:],
+        }
+    ]
