@@ -10,10 +10,14 @@ import pytest
 from keras_lcmae import MAE, TransformerDecoder, ViTEncoder
 from keras_lcmae.convert import (
     encoder_from_official_state_dict,
+    export,
     export_official_state_dict,
     load_official_state_dict,
+    load_pretrained,
     mae_from_official_state_dict,
+    read_state_dict,
 )
+from keras_lcmae.errors import ArgumentError
 from tests.helpers import to_np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,3 +175,84 @@ def test_tool_refuses_code_in_checkpoints(tmp_path):
     assert "weights-only" in result.stderr and "pwned" not in result.stdout
     missing = _run_tool("--input", os.path.join(tmp_path, "none.npz"), "--output", "x.keras")
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+# -- checkpoint files: export, read_state_dict, load_pretrained ---------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".pth"])
+def test_export_then_load_pretrained_gives_the_same_model(tmp_path, rng, suffix):
+    """MAE -> official-layout file -> MAE: same prediction and loss for the same noise."""
+    if suffix == ".pth":
+        pytest.importorskip("torch")
+    mae = tiny_mae()
+    path = export(mae, os.path.join(tmp_path, "sub", "mae" + suffix))
+    assert sorted(read_state_dict(path)) == sorted(export_official_state_dict(mae))
+    copy = load_pretrained(path, num_heads=2, decoder_num_heads=4)
+    assert isinstance(copy, MAE) and copy.get_config()["decoder"] == mae.get_config()["decoder"]
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    noise = rng.random((2, 16)).astype("float32")
+    ours, theirs = mae(x, noise=noise), copy(x, noise=noise)
+    np.testing.assert_allclose(to_np(theirs["pred"]), to_np(ours["pred"]), atol=1e-5)
+    loss = lambda m, out: float(to_np(m.forward_loss(x, out["pred"], out["mask"])))  # noqa: E731
+    assert abs(loss(copy, theirs) - loss(mae, ours)) < 1e-5
+    encoder = load_pretrained(path, num_heads=2, encoder_only=True)
+    np.testing.assert_allclose(to_np(encoder(x)), to_np(mae.encoder(x)), atol=1e-5)
+
+
+@pytest.mark.tf_only
+def test_exported_files_have_the_official_layout(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    mae = tiny_mae()
+    state = export_official_state_dict(mae)
+    tensors = load_file(export(mae, os.path.join(tmp_path, "m.safetensors")))  # what timm reads
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: v.shape for k, v in state.items()}
+    ckpt = torch.load(export(mae, os.path.join(tmp_path, "m.pth")), weights_only=True)  # official scripts: ["model"]
+    np.testing.assert_array_equal(ckpt["model"]["decoder_pred.weight"].numpy(), state["decoder_pred.weight"])
+    encoder_only = read_state_dict(export(mae.encoder, os.path.join(tmp_path, "e.safetensors")))
+    assert "cls_token" in encoder_only and not any(k.startswith("decoder") for k in encoder_only)
+
+
+@pytest.mark.tf_only
+def test_checkpoint_files_refuse_code_and_name_the_problem(tmp_path):
+    torch = pytest.importorskip("torch")
+    marker = os.path.join(tmp_path, "ran")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (marker,))
+
+    evil = os.path.join(tmp_path, "evil.pth")
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 32)}, "payload": Payload()}, evil)
+    with pytest.raises(ArgumentError, match="weights-only") as info:
+        read_state_dict(evil)
+    assert info.value.argument == "path" and not os.path.exists(marker)
+    with pytest.raises(ArgumentError, match="no such file"):
+        load_pretrained(os.path.join(tmp_path, "none.safetensors"))
+    with pytest.raises(ArgumentError, match="unknown checkpoint type"):
+        read_state_dict(__file__)
+    np.savez(os.path.join(tmp_path, "other.npz"), weight=np.zeros(3, "float32"))
+    with pytest.raises(ArgumentError, match=r"no 'cls_token'.*\['weight'\]"):
+        load_pretrained(os.path.join(tmp_path, "other.npz"))
+    with pytest.raises(ArgumentError, match="must end in one of"):
+        export(tiny_mae(), os.path.join(tmp_path, "m.h5"))
+    np.savez(os.path.join(tmp_path, "odd.npz"), **export_official_state_dict(tiny_mae()))
+    with pytest.raises(ArgumentError, match="num_heads"):  # width 32 is no standard ViT
+        load_pretrained(os.path.join(tmp_path, "odd.npz"))
+
+
+@pytest.mark.tf_only
+def test_tool_exports_the_official_layout(tmp_path):
+    mae = tiny_mae()
+    src = os.path.join(tmp_path, "mae.keras")
+    mae.save(src)
+    out = os.path.join(tmp_path, "mae.safetensors")
+    result = _run_tool("--input", src, "--output", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = read_state_dict(out)
+    for key, value in export_official_state_dict(mae).items():
+        np.testing.assert_array_equal(state[key], value)
+    bad = _run_tool("--input", os.path.join(tmp_path, "none.pth"), "--output", out)
+    assert bad.returncode == 2 and "--input: no such file" in bad.stderr

@@ -242,6 +242,7 @@ def test_readme_python_runs_at_tiny_size(tmp_path, monkeypatch):
         (r"num_classes=1000", "num_classes=10"),
         (r"warmup_steps=40 \* 312, total_steps=400 \* 312", "warmup_steps=2, total_steps=10"),
         (r"epochs=10", "epochs=1"),
+        (r"num_heads=12\)", "num_heads=2)"),
     ]
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
@@ -255,6 +256,11 @@ def test_readme_python_runs_at_tiny_size(tmp_path, monkeypatch):
             body = re.sub(pattern, new, body)
         exec(compile(body, "README.md", "exec"), namespace)
     assert os.path.exists(tmp_path / "encoder.keras")
+    np.testing.assert_allclose(  # the checkpoint route: exported and read back
+        keras.ops.convert_to_numpy(namespace["encoder"](namespace["images"])),
+        keras.ops.convert_to_numpy(namespace["model"].encoder(namespace["images"])),
+        atol=1e-5,
+    )
     assert namespace["model"].count_params() > 0
 
 
