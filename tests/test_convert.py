@@ -256,3 +256,28 @@ def test_tool_exports_the_official_layout(tmp_path):
         np.testing.assert_array_equal(state[key], value)
     bad = _run_tool("--input", os.path.join(tmp_path, "none.pth"), "--output", out)
     assert bad.returncode == 2 and "--input: no such file" in bad.stderr
+
+
+@pytest.mark.tf_only
+def test_hf_folders_name_what_they_cannot_place(tmp_path):
+    from keras_lcmae.convert import hf_to_official
+
+    with pytest.raises(ArgumentError, match=r"no known ViT/ViTMAE layout: \['vit.encoder.layer.0.adapter.weight'\]"):
+        hf_to_official(
+            {"vit.embeddings.cls_token": np.zeros((1, 1, 4)), "vit.encoder.layer.0.adapter.weight": np.zeros(2)}
+        )
+    with pytest.raises(ArgumentError, match="attention.attention.query"):  # q without k and v
+        hf_to_official({"vit.encoder.layer.0.attention.attention.query.weight": np.zeros((4, 4))})
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(ArgumentError, match="without a config.json"):
+        load_pretrained(str(folder))
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ArgumentError, match="no model.safetensors"):
+        load_pretrained(str(folder))
+    np.savez(folder / "x.npz", a=np.zeros(1))
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(1, "float32")}, str(folder / "model.safetensors"))
+    with pytest.raises(ArgumentError, match="'bert' model"):
+        load_pretrained(str(folder))

@@ -8,8 +8,8 @@
 * :func:`export`: a model's weights written in that layout, with the decoder
   when the model has one, so the official MAE code and timm load them;
 * :func:`load_pretrained`: one entry point that reads any of those files (or a
-  ``.keras`` file, in Keras' safe mode) into an :class:`~keras_lcmae.MAE` or a
-  :class:`~keras_lcmae.ViTEncoder`.
+  ``.keras`` file, in Keras' safe mode, or a Hugging Face ViT/ViTMAE folder)
+  into an :class:`~keras_lcmae.MAE` or a :class:`~keras_lcmae.ViTEncoder`.
 
 Example:
 >>> import os, tempfile
@@ -29,6 +29,7 @@ import os
 import keras
 import numpy as np
 
+from keras_lcmae.convert.hf import is_hf_folder, load_hf_folder
 from keras_lcmae.convert.official import (
     encoder_from_official_state_dict,
     export_official_state_dict,
@@ -145,8 +146,10 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
 
     Args:
         path: ``.safetensors``, ``.pth``/``.pt``/``.bin`` or ``.npz`` in the
-            official key layout (:func:`read_state_dict`), or a ``.keras``
-            file (loaded in safe mode).
+            official key layout (:func:`read_state_dict`), a ``.keras``
+            file (loaded in safe mode) or a Hugging Face ``save_pretrained``
+            folder of a ViT or ViTMAE (:mod:`keras_lcmae.convert.hf`; heads,
+            epsilon and MAE settings then come from its ``config.json``).
         num_heads: encoder heads; shapes cannot tell, so the standard ViT
             count for the width when omitted.
         decoder_num_heads: decoder heads (official MAE: 16).
@@ -160,6 +163,10 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
     ``.keras`` file gives the model it holds (its encoder with
     ``encoder_only``).
     """
+    if os.path.isdir(path):
+        if not is_hf_folder(path):
+            raise ArgumentError("path", f"{path!r} is a folder without a config.json (a transformers folder has one).")
+        return load_hf_folder(path, encoder_only=encoder_only, **mae_kwargs)
     if str(path).endswith(".keras"):
         if not os.path.isfile(path):
             raise ArgumentError("path", f"no such file {path!r}.")

@@ -253,14 +253,17 @@ def encoder_from_official_state_dict(state_dict, num_heads, **encoder_kwargs):
     return encoder
 
 
-def mae_from_official_state_dict(state_dict, num_heads, decoder_num_heads, **mae_kwargs):
+def mae_from_official_state_dict(state_dict, num_heads, decoder_num_heads, layer_norm_epsilon=None, **mae_kwargs):
     """Builds an :class:`MAE` with the architecture read from the checkpoint's
     shapes (widths, depths, MLP ratios, patch size, channels, image size) and
     loads its weights. Head counts cannot be read off shapes, so they are
-    arguments. Extra keyword arguments go to :class:`MAE` (``mask_ratio``,
-    ``norm_pix_loss``, ``seed``).
+    arguments; so is the LayerNorm epsilon of encoder and decoder (``None``:
+    official MAE's 1e-6). Extra keyword arguments go to :class:`MAE`
+    (``mask_ratio``, ``norm_pix_loss``, ``seed``).
     """
     kwargs = encoder_kwargs_from_state_dict(state_dict, num_heads)
+    eps = {} if layer_norm_epsilon is None else {"layer_norm_epsilon": float(layer_norm_epsilon)}
+    kwargs.update(eps)
     _require(state_dict, "decoder_embed.weight", "decoder_pred.weight")
     width = np.shape(state_dict["decoder_embed.weight"])[0]
     depth = _count("decoder_blocks", state_dict)
@@ -276,7 +279,7 @@ def mae_from_official_state_dict(state_dict, num_heads, decoder_num_heads, **mae
             f"decoder_pred predicts {out} values per token but one {kwargs['patch_size']}px patch of "
             f"{kwargs['num_channels']} channels has {patch_dim}: not an MAE checkpoint of this layout."
         )
-    decoder = TransformerDecoder(width, depth, int(decoder_num_heads), mlp / width)
+    decoder = TransformerDecoder(width, depth, int(decoder_num_heads), mlp / width, **eps)
     model = MAE(ViTEncoder(**kwargs), decoder, **mae_kwargs)
     load_official_state_dict(model, state_dict)
     return model
