@@ -323,6 +323,15 @@ def test_analyze_every_subcommand(checkpoints, tmp_path):
     rows = _read(os.path.join(out, "semantic_similarity.csv"))
     assert len(rows) == 2 and all(-1 <= float(r["s_sim"]) <= 1 for r in rows)
     assert rows[0]["reference_grid"] == "8x8"
+    # the same reference as an official-layout checkpoint gives the same figures
+    from keras_lcmae.convert import export
+
+    reference = keras.saving.load_model(checkpoints["reference"])
+    export(reference, os.path.join(out, "reference.safetensors"))
+    analyze.main(
+        ["semantic-similarity", *common, f"--reference={out}/reference.safetensors", "--reference_num_heads=2"]
+    )
+    assert _read(os.path.join(out, "semantic_similarity.csv")) == rows
 
     analyze.main(["attention-maps", *common, "--rows=2"])
     rows = _read(os.path.join(out, "attention_maps.csv"))

@@ -281,3 +281,52 @@ def test_hf_folders_name_what_they_cannot_place(tmp_path):
     save_file({"x": np.zeros(1, "float32")}, str(folder / "model.safetensors"))
     with pytest.raises(ArgumentError, match="'bert' model"):
         load_pretrained(str(folder))
+
+
+# -- keras-hub ---------------------------------------------------------------------
+
+
+def _perturbed_encoder(**kwargs):
+    encoder = ViTEncoder(image_size=32, patch_size=8, hidden_dim=32, depth=2, num_heads=2, **kwargs)
+    gen = np.random.default_rng(3)
+    for v in encoder.weights:  # LayerNorms off 1/0, the table off sin-cos
+        v.assign(to_np(v) + 0.1 * gen.normal(size=v.shape).astype("float32"))
+    return encoder
+
+
+def test_keras_hub_round_trip_keeps_the_outputs(tmp_path, rng):
+    pytest.importorskip("keras_hub")
+    from keras_lcmae.convert import from_keras_hub, to_keras_hub
+
+    encoder = _perturbed_encoder(layer_norm_epsilon=1e-5, mlp_ratio=2.0)
+    x = rng.random((2, 32, 32, 3)).astype("float32")
+    backbone = to_keras_hub(encoder)
+    assert type(backbone).__name__ == "ViTBackbone"
+    np.testing.assert_allclose(to_np(backbone(x)), to_np(encoder(x)), atol=1e-5)
+    back = from_keras_hub(backbone)
+    assert back.pos_embed_trainable and back.layer_norm_epsilon == 1e-5 and back.mlp_ratio == 2.0
+    np.testing.assert_allclose(to_np(back(x)), to_np(encoder(x)), atol=1e-5)
+    backbone.save_to_preset(str(tmp_path / "preset"))  # a keras-hub preset folder loads through load_pretrained
+    np.testing.assert_allclose(to_np(load_pretrained(str(tmp_path / "preset"))(x)), to_np(encoder(x)), atol=1e-5)
+
+
+@pytest.mark.tf_only
+def test_keras_hub_says_what_does_not_carry_over():
+    keras_hub = pytest.importorskip("keras_hub")
+    from keras_lcmae.convert import from_keras_hub, to_keras_hub
+
+    with pytest.raises(ArgumentError, match="final_norm=False"):
+        to_keras_hub(ViTEncoder(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=2, final_norm=False))
+    with pytest.raises(ArgumentError, match="qkv_bias=False"):
+        to_keras_hub(ViTEncoder(image_size=32, patch_size=8, hidden_dim=32, depth=1, num_heads=2, qkv_bias=False))
+    plain = keras_hub.models.ViTBackbone(
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        use_class_token=False,
+    )
+    with pytest.raises(ArgumentError, match="use_class_token"):
+        from_keras_hub(plain)

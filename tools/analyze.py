@@ -226,7 +226,7 @@ def cmd_semantic_similarity(ctx):
     from keras_lcmae.analysis.plots import layer_curve_figure
 
     ctx.decoder_check()
-    reference = load_reference(ctx.args.reference)
+    reference = load_reference(ctx.args.reference, ctx.args.reference_num_heads)
     n = len(ctx.images)
     noise = random_noise(n, ctx.encoder.num_patches, ctx.args.seed)
     sums = None
@@ -260,13 +260,29 @@ def cmd_semantic_similarity(ctx):
     return write_csv(ctx.path(".csv"), rows)
 
 
-def load_reference(path):
+def load_reference(path, num_heads=None):
+    """The reference model of Eq. 8: any ``.keras`` model giving per-patch
+    features, or a ViT checkpoint in any format
+    :func:`keras_lcmae.convert.load_pretrained` reads (an official / timm
+    ``.pth``, ``.safetensors`` or ``.npz``, a Hugging Face or keras-hub
+    folder), as its ``ViTEncoder``: a DINO / DINOv2 ViT on disk fills the
+    paper's role."""
     import keras
 
     import keras_lcmae  # noqa: F401  (registers the package's classes)
+    from keras_lcmae.convert import load_pretrained
+    from keras_lcmae.errors import ArgumentError
 
     if not os.path.exists(path):
         raise UsageError(f"--reference: no file at {path!r}.")
+    if not str(path).endswith(".keras"):
+        try:
+            return load_pretrained(path, num_heads=num_heads, encoder_only=True)
+        except ArgumentError as e:
+            flag = "--reference_num_heads" if e.argument == "num_heads" else "--reference"
+            raise UsageError(f"{flag}: {e.detail}") from None
+        except ValueError as e:
+            raise UsageError(f"--reference {path!r}: {e}") from None
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:  # Keras' loader raises many kinds, none of them meant for a user
@@ -459,7 +475,21 @@ def _attention_similarity_flags(fv):
 
 
 def _semantic_similarity_flags(fv):
-    flags.DEFINE_string("reference", None, "A .keras model giving per-patch features (DINO's role).", flag_values=fv)
+    flags.DEFINE_string(
+        "reference",
+        None,
+        "A .keras model giving per-patch features (DINO's role), or a ViT checkpoint: official/timm .pth, "
+        ".safetensors, .npz, a Hugging Face or keras-hub folder.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "reference_num_heads",
+        None,
+        "Heads of a --reference checkpoint that is not .keras (shapes cannot tell; default: the standard ViT "
+        "count for its width).",
+        lower_bound=1,
+        flag_values=fv,
+    )
     flags.mark_flag_as_required("reference", flag_values=fv)
     flags.DEFINE_enum(
         "normalization",

@@ -5,11 +5,14 @@
 * :mod:`keras_lcmae.convert.files`: checkpoint files (``.safetensors``,
   ``.pth``, ``.npz``, ``.keras``): :func:`load_pretrained`, :func:`export`,
   :func:`read_state_dict`;
-* :mod:`keras_lcmae.convert.hf`: Hugging Face ViT / ViTMAE folders.
+* :mod:`keras_lcmae.convert.hf`: Hugging Face ViT / ViTMAE folders;
+* :mod:`keras_lcmae.convert.hub`: keras-hub's ``ViTBackbone`` both ways
+  (:func:`to_keras_hub`, :func:`from_keras_hub`).
 """
 
 from keras_lcmae.convert.files import STANDARD_HEADS, export, load_pretrained, read_state_dict
 from keras_lcmae.convert.hf import hf_to_official, load_hf_folder, read_hf_folder
+from keras_lcmae.convert.hub import from_keras_hub, to_keras_hub
 from keras_lcmae.convert.official import (
     encoder_from_official_state_dict,
     encoder_kwargs_from_state_dict,
@@ -25,6 +28,7 @@ __all__ = [
     "encoder_kwargs_from_state_dict",
     "export",
     "export_official_state_dict",
+    "from_keras_hub",
     "hf_to_official",
     "load_hf_folder",
     "load_official_state_dict",
@@ -33,4 +37,5 @@ __all__ = [
     "official_entries",
     "read_hf_folder",
     "read_state_dict",
+    "to_keras_hub",
 ]

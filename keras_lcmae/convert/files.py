@@ -8,7 +8,8 @@
 * :func:`export`: a model's weights written in that layout, with the decoder
   when the model has one, so the official MAE code and timm load them;
 * :func:`load_pretrained`: one entry point that reads any of those files (or a
-  ``.keras`` file, in Keras' safe mode, or a Hugging Face ViT/ViTMAE folder)
+  ``.keras`` file, in Keras' safe mode, a Hugging Face ViT/ViTMAE folder or a
+  keras-hub ViT preset)
   into an :class:`~keras_lcmae.MAE` or a :class:`~keras_lcmae.ViTEncoder`.
 
 Example:
@@ -30,6 +31,7 @@ import keras
 import numpy as np
 
 from keras_lcmae.convert.hf import is_hf_folder, load_hf_folder
+from keras_lcmae.convert.hub import is_keras_hub_preset, load_keras_hub_preset
 from keras_lcmae.convert.official import (
     encoder_from_official_state_dict,
     export_official_state_dict,
@@ -149,7 +151,9 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
             official key layout (:func:`read_state_dict`), a ``.keras``
             file (loaded in safe mode) or a Hugging Face ``save_pretrained``
             folder of a ViT or ViTMAE (:mod:`keras_lcmae.convert.hf`; heads,
-            epsilon and MAE settings then come from its ``config.json``).
+            epsilon and MAE settings then come from its ``config.json``), or
+            a keras-hub ViT preset folder (``save_to_preset``; a
+            ``ViTEncoder``, :mod:`keras_lcmae.convert.hub`).
         num_heads: encoder heads; shapes cannot tell, so the standard ViT
             count for the width when omitted.
         decoder_num_heads: decoder heads (official MAE: 16).
@@ -164,6 +168,8 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
     ``encoder_only``).
     """
     if os.path.isdir(path):
+        if is_keras_hub_preset(path):
+            return load_keras_hub_preset(path)
         if not is_hf_folder(path):
             raise ArgumentError("path", f"{path!r} is a folder without a config.json (a transformers folder has one).")
         return load_hf_folder(path, encoder_only=encoder_only, **mae_kwargs)
