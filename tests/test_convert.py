@@ -330,3 +330,19 @@ def test_keras_hub_says_what_does_not_carry_over():
     )
     with pytest.raises(ArgumentError, match="use_class_token"):
         from_keras_hub(plain)
+
+
+def test_load_pretrained_resamples_the_table_or_says_why_not(tmp_path):
+    from keras_lcmae import rebuild_encoder
+
+    mae = tiny_mae()
+    path = export(mae, os.path.join(tmp_path, "mae.safetensors"))
+    encoder = load_pretrained(path, num_heads=2, encoder_only=True, image_size=64, patch_size=8)
+    assert tuple(encoder.image_size) == (64, 64)
+    expected = rebuild_encoder(mae.encoder, image_size=64)  # the finetuning resampler
+    np.testing.assert_allclose(to_np(encoder.pos_embed), to_np(expected.pos_embed), atol=1e-6)
+    with pytest.raises(ArgumentError, match="8-px patches, not 16") as info:
+        load_pretrained(path, num_heads=2, patch_size=16)
+    assert info.value.argument == "patch_size"
+    with pytest.raises(ArgumentError, match="encoder_only=True"):
+        load_pretrained(path, num_heads=2, decoder_num_heads=4, image_size=64)

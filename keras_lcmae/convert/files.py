@@ -30,6 +30,7 @@ import os
 import keras
 import numpy as np
 
+from keras_lcmae.classifier import rebuild_encoder
 from keras_lcmae.convert.hf import is_hf_folder, load_hf_folder
 from keras_lcmae.convert.hub import is_keras_hub_preset, load_keras_hub_preset
 from keras_lcmae.convert.official import (
@@ -39,6 +40,7 @@ from keras_lcmae.convert.official import (
 )
 from keras_lcmae.encoder import find_encoder
 from keras_lcmae.errors import ArgumentError
+from keras_lcmae.ops import to_2tuple
 
 # Encoder heads of the standard ViT sizes, by width (Ti, S, B, L, H): the one
 # architecture argument a state dict's shapes cannot give.
@@ -143,7 +145,9 @@ def export(model, path):
     return path
 
 
-def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=False, **mae_kwargs):
+def load_pretrained(
+    path, num_heads=None, decoder_num_heads=16, encoder_only=False, image_size=None, patch_size=None, **mae_kwargs
+):
     """A model from a checkpoint file, its format told by the suffix.
 
     Args:
@@ -159,6 +163,12 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
         decoder_num_heads: decoder heads (official MAE: 16).
         encoder_only: return the :class:`~keras_lcmae.ViTEncoder` even when
             the file holds a decoder.
+        image_size: the encoder's image size when it differs from the
+            checkpoint's: the position table is resampled (bicubic, ``[CLS]``
+            kept, as for finetuning; :func:`keras_lcmae.rebuild_encoder`).
+            Encoders only: an MAE's decoder table is not resampled.
+        patch_size: the patch size the caller expects; another one in the
+            file is an error (a patch kernel cannot be resampled).
         **mae_kwargs: :class:`~keras_lcmae.MAE` arguments (``mask_ratio``,
             ``norm_pix_loss``, ``seed``) for a file with a decoder.
 
@@ -167,6 +177,26 @@ def load_pretrained(path, num_heads=None, decoder_num_heads=16, encoder_only=Fal
     ``.keras`` file gives the model it holds (its encoder with
     ``encoder_only``).
     """
+    model = _load(path, num_heads, decoder_num_heads, encoder_only, mae_kwargs)
+    encoder = find_encoder(model, "load_pretrained")
+    if patch_size is not None and int(patch_size) != encoder.patch_size:
+        raise ArgumentError(
+            "patch_size",
+            f"{path!r} holds {encoder.patch_size}-px patches, not {patch_size}: a patch-embedding kernel cannot be "
+            f"resampled; build with patch_size={encoder.patch_size}.",
+        )
+    if image_size is not None and to_2tuple(image_size) != tuple(encoder.image_size):
+        if model is not encoder:
+            raise ArgumentError(
+                "image_size",
+                f"resampling the position table applies to an encoder (encoder_only=True); this {type(model).__name__}'s "
+                f"decoder keeps the checkpoint's {tuple(encoder.image_size)} table.",
+            )
+        model = rebuild_encoder(encoder, image_size=image_size)
+    return model
+
+
+def _load(path, num_heads, decoder_num_heads, encoder_only, mae_kwargs):
     if os.path.isdir(path):
         if is_keras_hub_preset(path):
             return load_keras_hub_preset(path)
