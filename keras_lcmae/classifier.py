@@ -377,8 +377,8 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         >>> tuple(model(np.zeros((2, 32, 32, 3), "float32")).shape), model.encoder.drop_path_rate
         ((2, 10), 0.1)
         """
-        from keras_lcmae.convert import (
-            _as_numpy,
+        from keras_lcmae.convert.official import (
+            as_numpy,
             encoder_from_official_state_dict,
             encoder_kwargs_from_state_dict,
         )
@@ -403,11 +403,11 @@ class ViTClassifier(ReleasesGradients, CompilesFromConfig, keras.Model):
         model = cls(encoder, num_classes, pool=pool, **kwargs)
         d = encoder.hidden_dim
         head_w, head_b = state.get("head.weight"), state.get("head.bias")
-        if head_w is not None and head_b is not None and tuple(_as_numpy(head_w).shape) == (num_classes, d):
-            model.head.kernel.assign(_as_numpy(head_w).T)
-            model.head.bias.assign(_as_numpy(head_b))
+        if head_w is not None and head_b is not None and tuple(as_numpy(head_w).shape) == (num_classes, d):
+            model.head.kernel.assign(as_numpy(head_w).T)
+            model.head.bias.assign(as_numpy(head_b))
         if model.fc_norm is not None and "fc_norm.weight" in state and "fc_norm.bias" in state:
-            gamma, beta = _as_numpy(state["fc_norm.weight"]), _as_numpy(state["fc_norm.bias"])
+            gamma, beta = as_numpy(state["fc_norm.weight"]), as_numpy(state["fc_norm.bias"])
             if gamma.shape == beta.shape == (d,):
                 model.fc_norm.gamma.assign(gamma)
                 model.fc_norm.beta.assign(beta)

@@ -123,7 +123,8 @@ def _official_shape(variable, kind, patch_size):
     return shape
 
 
-def _as_numpy(value):
+def as_numpy(value):
+    """A float32 numpy array from an array or a torch tensor (also bfloat16)."""
     if hasattr(value, "detach"):  # a torch tensor: bfloat16 has no numpy type
         value = value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
@@ -177,7 +178,7 @@ def load_official_state_dict(model, state_dict, strict=True):
     for key, variable, kind in entries:
         if key not in state_dict:
             continue
-        value = _as_numpy(state_dict[key])
+        value = as_numpy(state_dict[key])
         want = _official_shape(variable, kind, p)
         if tuple(value.shape) != want:
             problems.append(f"{key}: checkpoint shape {tuple(value.shape)}, model expects {want}")
