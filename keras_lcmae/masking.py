@@ -16,7 +16,7 @@ from keras import ops
 
 from keras_lcmae.clustering import bipartition
 from keras_lcmae.distribute import replica_uniform
-from keras_lcmae.ops import take_tokens
+from keras_lcmae.ops import identity_ids, take_tokens
 
 
 def num_visible(num_patches, mask_ratio):
@@ -90,6 +90,18 @@ def random_masking(x, mask_ratio, noise=None, seed=None):
     }
 
 
+def check_hint_ratio(hint_ratio):
+    """``hint_ratio`` as a float in [0, 1) (a fraction of the masked patches);
+    a clear error otherwise."""
+    try:
+        ratio = float(hint_ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"hint_ratio must be a number in [0, 1), got {hint_ratio!r}.") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"hint_ratio must lie in [0, 1) (a fraction of the masked patches), got {hint_ratio!r}.")
+    return ratio
+
+
 def num_hints(num_patches, mask_ratio, hint_ratio):
     """Hint tokens requested per image: ``round(hint_ratio * M)`` with
     ``M = N - int(N * (1 - mask_ratio))`` the masked budget.
@@ -98,12 +110,7 @@ def num_hints(num_patches, mask_ratio, hint_ratio):
     >>> num_hints(64, 0.75, 0.05)
     2
     """
-    try:
-        ratio = float(hint_ratio)
-    except (TypeError, ValueError):
-        raise ValueError(f"hint_ratio must be a number in [0, 1), got {hint_ratio!r}.") from None
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"hint_ratio must lie in [0, 1) (a fraction of the masked patches), got {hint_ratio!r}.")
+    ratio = check_hint_ratio(hint_ratio)
     masked = num_patches - num_visible(num_patches, mask_ratio)
     return int(round(ratio * masked))
 
@@ -293,9 +300,8 @@ class SelfGuidedMasking(RandomMasking):
             )
         if guide_layer != "decoder" and (isinstance(guide_layer, bool) or not isinstance(guide_layer, int)):
             raise ValueError(f"guide_layer must be an encoder block index or 'decoder', got {guide_layer!r}.")
-        num_hints(4, 0.5, hint_ratio)  # the range check of hint_ratio alone
         self.informed_start_epoch = int(informed_start_epoch)
-        self.hint_ratio = float(hint_ratio)
+        self.hint_ratio = check_hint_ratio(hint_ratio)
         self.guide_layer = guide_layer
         self.informed_active = None
         self._model = None
@@ -332,8 +338,7 @@ class SelfGuidedMasking(RandomMasking):
         encoder = model.encoder
         if self.guide_layer == "decoder":
             latent = encoder.forward_tokens(x, training=False)
-            ids = ops.arange(encoder.num_patches, dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
-            features = model.decoder(latent, ids, training=False)["hidden"]
+            features = model.decoder(latent, identity_ids(x), training=False)["hidden"]
         else:
             out = encoder.forward_intermediates(x, indices=[self.guide_layer], training=False, stop_early=True)
             features = out["intermediates"][0][:, 1:]

@@ -217,6 +217,17 @@ def resize_pos_embed(table, old_grid, new_grid, num_extra_tokens=1):
     return out[None] if batched else out
 
 
+def identity_ids(x):
+    """``(B, N)`` int32 positions ``0 .. N-1`` for tokens ``x (B, N, D)``: the
+    ``ids_restore`` of an unmasked, unshuffled sequence.
+
+    Example:
+    >>> ops.convert_to_numpy(identity_ids(np.zeros((2, 3, 4), "float32"))).tolist()
+    [[0, 1, 2], [0, 1, 2]]
+    """
+    return ops.arange(x.shape[1], dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
+
+
 def take_tokens(x, ids):
     """Gathers tokens along axis 1: ``x (B, N, D)``, ``ids (B, K)`` -> ``(B, K, D)``.
 

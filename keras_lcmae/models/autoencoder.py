@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_lcmae.losses import block_reconstruction_loss, block_stats
 from keras_lcmae.models.base import ReconstructionModel, as_encoder
-from keras_lcmae.ops import unpatchify
+from keras_lcmae.ops import identity_ids, unpatchify
 
 
 def block_indices(image_size, patch_size, block_size):
@@ -133,8 +133,7 @@ class AutoEncoder(ReconstructionModel):
         ``ids_restore``."""
         x = self.encoder.embed(images)
         latent = self.encoder.forward_tokens(x, training=training)
-        n = self.encoder.num_patches
-        ids = ops.arange(n, dtype="int32")[None] + ops.zeros_like(x[:, :, 0], dtype="int32")
+        ids = identity_ids(x)
         return latent, ops.ones_like(ids, dtype="float32"), ids
 
     def forward_loss(self, images, pred, mask=None):
