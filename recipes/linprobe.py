@@ -9,7 +9,8 @@ The encoder is frozen (inference mode); the head is BatchNorm without affine
 default) with lr = blr * batch / 256, warmup then cosine; RandomResizedCrop +
 flip only. ``--cache_features`` trades the crop augmentation for speed: the
 features of the centre-cropped training images are computed once and the head
-is trained on them (the quick protocol of the CPU demo). Reports top-1/top-5
+is trained on them (the quick protocol of the CPU demo); the same features
+then also give a weighted kNN score (``--knn_k``, ``knn_top1``). Reports top-1/top-5
 on the validation split each epoch, keeps the best, writes ``metrics.json``,
 TensorBoard logs in ``tensorboard/`` (the flags and the final figures also in
 its HParams dashboard) and one final JSON line.
@@ -34,6 +35,13 @@ common.define_eval_flags(
     )
 )
 flags.DEFINE_bool("cache_features", False, "Train the head on features computed once (no crop augmentation).")
+flags.DEFINE_integer(
+    "knn_k",
+    20,
+    lower_bound=0,
+    help="With --cache_features: also score a weighted kNN classifier (DINO's, temperature 0.07) with this many "
+    "neighbours on the same features, reported as knn_top1 (0: off).",
+)
 common.check_numbers()
 flags.adopt_module_key_flags(common)  # --help lists the run flags of recipes/common.py too
 __doc__ = common.usage(__doc__, __file__)  # absl's --help prints it, with the flagfiles of recipes/configs/
@@ -101,6 +109,7 @@ def main(argv):
         print(json.dumps({"dry_run": True, **plan}, default=str), flush=True)
         return
     before = [w.copy() for w in encoder.get_weights()]
+    knn_top1 = None
     start = time.time()
     if FLAGS.cache_features:
         train_eval = data.labelled_dataset(train_src, 1024, FLAGS.image_size, mean, std, train=False, crop_pct=crop_pct)
@@ -108,6 +117,10 @@ def main(argv):
         x_val, y_val = extract_features(encoder, eval_batches, pool=FLAGS.pool)
         common.check_labels(y_train, num_classes, "the training split")
         common.check_labels(y_val, num_classes, "the validation split")
+        if FLAGS.knn_k:
+            from keras_lcmae.evaluation import knn_accuracy
+
+            knn_top1 = knn_accuracy(x_train, y_train, x_val, y_val, num_classes, k=min(FLAGS.knn_k, len(x_train)))
         rng = np.random.default_rng(FLAGS.seed)
 
         def batches():
@@ -148,6 +161,8 @@ def main(argv):
         pool=FLAGS.pool,
         best_checkpoint=best,
     )
+    if knn_top1 is not None:
+        final.update(knn_top1=knn_top1, knn_k=min(FLAGS.knn_k, len(x_train)))
     common.report(run, final, h, derived)
 
 

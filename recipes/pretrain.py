@@ -104,6 +104,13 @@ flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block i
 common.define_run_flags(
     dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, output_dir="runs/pretrain")
 )
+flags.DEFINE_integer(
+    "train_limit",
+    None,
+    lower_bound=1,
+    help="Pretrain on the first N training images only (N=1: the single-image pretraining of the LC-MAE "
+    "paper's Table A.1; the images repeat with fresh augmentations until --steps_per_epoch).",
+)
 flags.DEFINE_integer("save_every", 1, "Epochs between checkpoints.", lower_bound=1)
 flags.DEFINE_integer(
     "monitor_every",
@@ -191,7 +198,7 @@ def build_dataset(batch_size):
     skipped = None
     if FLAGS.data == "fashion_mnist":
         channels = channels or 1
-        images, labels = data.load_fashion_mnist("train")
+        images, labels = data.load_fashion_mnist("train", limit=FLAGS.train_limit)
         source = data.array_dataset(images if channels == 1 else np.repeat(images[..., None], 3, -1), labels)
         n = len(images)
         mean, std = (data.FASHION_MNIST_MEAN * channels, data.FASHION_MNIST_STD * channels)
@@ -211,6 +218,9 @@ def build_dataset(batch_size):
             raise app.UsageError(
                 f"--data: {FLAGS.data!r} is not fashion_mnist, a folder, tfds:NAME or a TFRecord glob."
             )
+        if FLAGS.train_limit:
+            source = source.take(FLAGS.train_limit)
+            n = FLAGS.train_limit if n is None else min(n, FLAGS.train_limit)
     ds = data.batched_pretrain_dataset(source, batch_size, FLAGS.image_size, mean, std, seed=FLAGS.seed)
     return ds, n, channels, mean, std, skipped
 

@@ -1,0 +1,274 @@
+"""The profiles of the studies: one model, schedule and evaluation protocol
+per scale, from which every study builds its runs.
+
+``cpu``: each study in well under 45 minutes on 2 CPU cores: a 64-wide,
+3-deep ViT on 32-px Fashion-MNIST (4-px patches, 64 tokens), 200 pretraining
+steps of batch 128 (0.43 epoch), judged by a linear probe and a kNN on
+cached features of 10,000 training / 5,000 test images and a 150-step
+finetune (the CPU demo's protocols, ``recipes/configs/*demo_cpu.flags``).
+``gpu``: the same studies with a ViT-Tiny (192 wide, 12 deep) pretrained 100
+epochs, probed 90 epochs and finetuned 30 epochs on all of Fashion-MNIST.
+``smoke``: either profile cut to a few steps of a 32-wide model, so the whole
+machinery runs in seconds per run (the tests).
+"""
+
+import dataclasses
+
+from studies.runner import Input, Run
+
+PRETRAIN = "recipes/pretrain.py"
+LINPROBE = "recipes/linprobe.py"
+FINETUNE = "recipes/finetune.py"
+ANALYZE = "tools/analyze.py"
+
+DATA = dict(data="fashion_mnist", image_size=32)
+PROFILES = {
+    "cpu": dict(
+        encoder=dict(model="vit_test", patch_size=4, hidden_dim=64, depth=3, num_heads=4),
+        pretrain=dict(
+            decoder_depth=2,
+            decoder_hidden_dim=64,
+            decoder_num_heads=4,
+            projector_dim=128,
+            mask_ratio=0.75,
+            batch_size=128,
+            epochs=2,
+            steps_per_epoch=100,
+            blr=1.5e-3,
+            warmup_epochs=0.2,
+            weight_decay=0.05,
+            monitor_every=0,
+        ),
+        linprobe=dict(
+            pool="avg",
+            cache_features=True,
+            knn_k=20,
+            train_limit=10000,
+            val_limit=5000,
+            batch_size=256,
+            epochs=20,
+            blr=20,
+            warmup_epochs=1,
+            weight_decay=0.0,
+        ),
+        finetune=dict(
+            pool="avg",
+            train_limit=10000,
+            val_limit=5000,
+            batch_size=64,
+            epochs=3,
+            steps_per_epoch=50,
+            blr=2e-3,
+            min_lr=1e-6,
+            warmup_epochs=0.2,
+            weight_decay=0.05,
+            layer_decay=0.75,
+            drop_path_rate=0.0,
+            smoothing=0.1,
+            mixup_alpha=0,
+            cutmix_alpha=0,
+            reprob=0,
+            randaug_magnitude=0,
+            crop_min_scale=0.35,
+        ),
+        analyze=dict(num_images=64),
+        seeds=3,
+        decoder_analysis_depth=8,
+    ),
+    "gpu": dict(
+        encoder=dict(model="vit_tiny", patch_size=4, hidden_dim=192, depth=12, num_heads=3),
+        pretrain=dict(
+            decoder_depth=2,
+            decoder_hidden_dim=128,
+            decoder_num_heads=4,
+            projector_dim=512,
+            mask_ratio=0.75,
+            batch_size=256,
+            epochs=100,
+            blr=1.5e-4 * 4,
+            warmup_epochs=10,
+            weight_decay=0.05,
+            monitor_every=0,
+        ),
+        linprobe=dict(
+            pool="avg",
+            cache_features=True,
+            knn_k=20,
+            batch_size=1024,
+            epochs=90,
+            blr=2,
+            warmup_epochs=10,
+            weight_decay=0.0,
+        ),
+        finetune=dict(
+            pool="avg",
+            batch_size=256,
+            epochs=30,
+            blr=1e-3,
+            min_lr=1e-6,
+            warmup_epochs=3,
+            weight_decay=0.05,
+            layer_decay=0.75,
+            drop_path_rate=0.1,
+            smoothing=0.1,
+            mixup_alpha=0,
+            cutmix_alpha=0,
+            reprob=0.25,
+            randaug_magnitude=0,
+            crop_min_scale=0.35,
+        ),
+        analyze=dict(num_images=256),
+        seeds=3,
+        decoder_analysis_depth=8,
+    ),
+}
+SMOKE = dict(
+    encoder=dict(hidden_dim=32, depth=2, num_heads=2),
+    pretrain=dict(
+        decoder_hidden_dim=32,
+        decoder_num_heads=2,
+        projector_dim=32,
+        batch_size=16,
+        epochs=1,
+        steps_per_epoch=2,
+        warmup_epochs=0,
+    ),
+    linprobe=dict(train_limit=64, val_limit=32, batch_size=32, epochs=1, warmup_epochs=0),
+    finetune=dict(train_limit=64, val_limit=32, batch_size=16, epochs=1, steps_per_epoch=2, warmup_epochs=0),
+    analyze=dict(num_images=4),
+    seeds=2,
+    decoder_analysis_depth=3,
+)
+# Images per epoch of the gpu profile's data (all of Fashion-MNIST's training split)
+FULL_TRAIN = 60000
+
+
+def flag_list(values):
+    """``{"epochs": 3, "cache_features": True}`` -> ``["--epochs=3", "--cache_features"]``."""
+    out = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            out.append(f"--{name}" if value else f"--no{name}")
+        else:
+            out.append(f"--{name}={value:g}" if isinstance(value, float) else f"--{name}={value}")
+    return out
+
+
+@dataclasses.dataclass
+class Scale:
+    """The runs of one profile. ``name``: ``cpu`` or ``gpu``; ``smoke``:
+    cut to a few steps (:data:`SMOKE`)."""
+
+    name: str
+    smoke: bool = False
+
+    def __post_init__(self):
+        if self.name not in PROFILES:
+            raise ValueError(f"unknown scale {self.name!r}; choose one of {', '.join(PROFILES)}")
+        profile = PROFILES[self.name]
+        self.encoder = dict(profile["encoder"])
+        self.pretrain_flags = dict(profile["pretrain"])
+        self.linprobe_flags = dict(profile["linprobe"])
+        self.finetune_flags = dict(profile["finetune"])
+        self.analyze_flags = dict(profile["analyze"])
+        self.seeds = profile["seeds"]
+        self.decoder_analysis_depth = profile["decoder_analysis_depth"]
+        if self.smoke:
+            self.encoder.update(SMOKE["encoder"])
+            self.pretrain_flags.update(SMOKE["pretrain"])
+            self.linprobe_flags.update(SMOKE["linprobe"])
+            self.finetune_flags.update(SMOKE["finetune"])
+            self.analyze_flags.update(SMOKE["analyze"])
+            self.seeds = SMOKE["seeds"]
+            self.decoder_analysis_depth = SMOKE["decoder_analysis_depth"]
+
+    @property
+    def label(self):
+        return f"{self.name}{' (smoke)' if self.smoke else ''}"
+
+    @property
+    def epochs(self):
+        return self.pretrain_flags["epochs"]
+
+    # ------------------------------------------------------------------ runs
+    def pretrain(self, label, seed, **flags):
+        """A ``recipes/pretrain.py`` run: the profile's model and schedule,
+        ``flags`` on top (``method``, ``loss_weights``, ``decoder``...)."""
+        values = {**DATA, **self.encoder, **self.pretrain_flags, **flags, "seed": seed}
+        return Run(f"pretrain_{label}_s{seed}", PRETRAIN, tuple(flag_list(values)))
+
+    def _encoder_flags(self, encoder):
+        """The evaluation recipes' encoder flags: a pretraining run's
+        ``encoder.keras``, or a random encoder of the profile's architecture."""
+        if encoder is None:
+            arch = {k: v for k, v in self.encoder.items()}
+            return flag_list({"encoder": "random", **arch}), (), "random"
+        return ["--encoder={encoder}"], (Input("encoder", encoder, "encoder.keras"),), encoder.name[len("pretrain_") :]
+
+    def linprobe(self, encoder, seed):
+        """Linear probe (and kNN) of ``encoder`` (a pretraining :class:`Run`,
+        or None: a random encoder)."""
+        enc, inputs, label = self._encoder_flags(encoder)
+        values = {**DATA, **self.linprobe_flags, "seed": seed}
+        return Run(f"linprobe_{label}" + ("" if encoder else f"_s{seed}"), LINPROBE, (*enc, *flag_list(values)), inputs)
+
+    def finetune(self, encoder, seed):
+        """Short finetune of ``encoder`` (None: from a random encoder)."""
+        enc, inputs, label = self._encoder_flags(encoder)
+        values = {**DATA, **self.finetune_flags, "seed": seed}
+        return Run(f"finetune_{label}" + ("" if encoder else f"_s{seed}"), FINETUNE, (*enc, *flag_list(values)), inputs)
+
+    def checkpoint(self, pretrain_run):
+        """The whole model a pretraining run saved after its last epoch."""
+        epochs = dict(zip((f.split("=")[0] for f in pretrain_run.flags), pretrain_run.flags)).get("--epochs")
+        return f"checkpoints/epoch_{int(epochs.split('=')[1]):03d}.keras"
+
+    def analyze(self, command, model, label, path=None, reference=None, **flags):
+        """``tools/analyze.py <command>`` on ``model``'s ``path`` (default:
+        its last checkpoint); ``reference``: ``(run, path)`` for
+        semantic-similarity."""
+        inputs = [Input("checkpoint", model, path or self.checkpoint(model))]
+        args = [command, "--checkpoint={checkpoint}"]
+        if reference is not None:
+            inputs.append(Input("reference", *reference))
+            args.append("--reference={reference}")
+        values = {**self.analyze_flags, **flags}
+        return Run(f"analyze_{command}_{label}", ANALYZE, (*args, *flag_list(values)), tuple(inputs))
+
+    # ------------------------------------------------------------------ cost
+    def estimated_hours(self, runs, tflops=100.0, min_step_s=0.025):
+        """Expected hours of ``runs`` on one accelerator that sustains
+        ``tflops`` TFLOP/s of model FLOPs, each step taking at least
+        ``min_step_s`` (small models are bound by launch overhead): an
+        estimate from the model FLOPs (``tools/bench/flops.py``'s count),
+        not a measurement."""
+        from bench.flops import forward_flops_per_image
+
+        total = 0.0
+        for run in runs:
+            flags = dict(f[2:].split("=", 1) for f in run.flags if f.startswith("--") and "=" in f)
+            if run.script == ANALYZE:
+                total += 60.0
+                continue
+            width, depth = int(self.encoder["hidden_dim"]), int(self.encoder["depth"])
+            c = dict(
+                image=32,
+                patch=int(self.encoder["patch_size"]),
+                width=width,
+                depth=depth,
+                dec_width=int(flags.get("decoder_hidden_dim", 1)),
+                dec_depth=int(flags.get("decoder_depth", 1)),
+            )
+            batch = int(flags["batch_size"])
+            epochs = int(flags["epochs"])
+            steps = int(flags.get("steps_per_epoch") or max(1, int(flags.get("train_limit", FULL_TRAIN)) // batch))
+            if run.script == PRETRAIN:
+                method = flags.get("method", "lcmae")
+                per_image = 3 * forward_flops_per_image(c, method, float(flags.get("mask_ratio", 0.75)))
+            elif run.script == FINETUNE:
+                per_image = 3 * forward_flops_per_image(c, "finetune")
+            else:  # linear probe on cached features: one forward pass, the head is free
+                per_image, steps, epochs = forward_flops_per_image(c, "finetune"), max(1, FULL_TRAIN // batch), 1
+            step = max(min_step_s, per_image * batch / (tflops * 1e12))
+            total += steps * epochs * step + 30.0  # + start-up and evaluation
+        return total / 3600.0
