@@ -28,11 +28,12 @@ from absl import flags
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import cli  # noqa: E402  (tools/cli.py, importable once tools/ is on the path)
 import studies  # noqa: E402
 from studies import report  # noqa: E402
 from studies.base import Results  # noqa: E402
-from studies.runner import ROOT, Runner, RunFailed  # noqa: E402
+from studies.runner import ROOT, RunFailed, Runner  # noqa: E402
 from studies.scale import PROFILES, Scale  # noqa: E402
 
 FLAGS = cli.new_flags()
@@ -62,20 +63,22 @@ def command_line(name):
 
 
 def dry_run(names, scale, runner):
-    total = 0.0
+    """Prints each study's runs (done or to do) and the expected hours of
+    those to do; the total counts a run that studies share once."""
+    everything = {}
     for name in names:
-        study = studies.load(name)
-        planned = study.runs(scale)
+        planned = studies.load(name).runs(scale)
         todo = [r for r in planned if runner.finished(r) is None]
-        hours = scale.estimated_hours(todo)
-        total += hours
-        print(f"{name}: {len(planned)} runs, {len(todo)} to run, about {hours:.1f} h on one accelerator")
+        everything.update((r.key, r) for r in todo)
+        print(f"{name}: {len(planned)} runs, {len(todo)} to run, about {scale.estimated_hours(todo):.1f} h")
         for run in planned:
-            state = "done" if runner.finished(run) else "todo"
+            state = "todo" if run in todo else "done"
             print(f"  [{state}] {' '.join(runner.command(run)[1:])}")
     print(
-        f"total: about {total:.1f} h (estimate from model FLOPs at 100 TFLOP/s and >= 25 ms per step; "
-        "runs shared between studies are counted once per study)"
+        f"total: {len(everything)} runs, about {scale.estimated_hours(everything.values()):.1f} h on one "
+        f"{'accelerator' if scale.name == 'gpu' else 'machine'} (an estimate from the model FLOPs at "
+        f"{scale.speed['tflops']:g} TFLOP/s and at least {1000 * scale.speed['min_step_s']:g} ms a step, "
+        "not a measurement)"
     )
 
 

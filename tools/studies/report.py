@@ -50,6 +50,16 @@ def compare(a, b, spread):
     return {"diff": diff, "margin": margin, "exceeds": margin is not None and abs(diff) > margin}
 
 
+def per_seed(differences):
+    """A comparison made within each seed (``differences``: one value per
+    seed, e.g. layer 1 minus the rest): their mean, against twice its
+    standard error over seeds; no margin with one seed."""
+    n = len(differences)
+    diff = mean(differences)
+    margin = 2 * std(differences) / math.sqrt(n) if n > 1 else None
+    return {"diff": diff, "margin": margin, "exceeds": margin is not None and abs(diff) > margin}
+
+
 def directional_verdict(comparison, expected_sign=1):
     """The verdict on a finding that predicts ``sign(mean(a) - mean(b)) ==
     expected_sign``."""
@@ -104,11 +114,11 @@ def mean_std(values, scale=100.0, digits=1):
     return f"{scale * mean(values):.{digits}f} ± {scale * std(values):.{digits}f} ({len(values)})"
 
 
-def diff_text(comparison, scale=100.0, unit=" pt"):
+def diff_text(comparison, scale=100.0, unit=" pt", digits=1):
     """``"+1.2 pt (margin ±0.8)"``."""
     margin = comparison["margin"]
-    margin_text = f"margin ±{scale * margin:.1f}" if margin is not None else "no seed spread"
-    return f"{scale * comparison['diff']:+.1f}{unit} ({margin_text})"
+    margin_text = f"margin ±{scale * margin:.{digits}f}" if margin is not None else "one seed: no margin"
+    return f"{scale * comparison['diff']:+.{digits}f}{unit} ({margin_text})"
 
 
 def table(header, rows):
@@ -192,7 +202,8 @@ class Page:
 
 RULE = (
     "Verdicts: two groups of runs differ when their means differ by more than twice the standard "
-    "error given by the spread over seeds (pooled over the study's groups with two or more seeds). "
+    "error given by the spread over seeds (pooled over the study's groups with two or more seeds; "
+    "for a difference measured within each run, its spread over seeds). "
     "*Reproduced*: the paper's direction shows beyond that margin; *contradicted*: the opposite "
     "does; *not at this scale*: within it. Each number is from the runs listed under Runs."
 )

@@ -9,11 +9,14 @@ whose flags changed is run again in a folder of its own. A finished run
 leaves ``study_run.json`` in its folder: the command, the recipe's final JSON
 line, its wall time, and the machine and library versions it ran on; a
 folder without that file is an unfinished run, and the same command runs in
-it again (``recipes/pretrain.py`` resumes from its ``backup/``).
+it again (``recipes/pretrain.py`` resumes from its ``backup/``). Several
+study processes may share a runs folder: a run is locked while it runs, and
+the second process waits and reuses it.
 """
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -182,7 +185,12 @@ class Runner:
             self.result(source.run)
         record = self.finished(run) if self.reuse else None
         if record is None:
-            record = self._execute(run)
+            os.makedirs(self.folder(run), exist_ok=True)
+            with open(os.path.join(self.folder(run), ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another study process may be running this very run
+                record = self.finished(run) if self.reuse else None
+                if record is None:
+                    record = self._execute(run)
         self._done[run.key] = record
         return record
 

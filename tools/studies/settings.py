@@ -115,7 +115,9 @@ def report_page(scale, results, page, figure_path):
         ("Without reconstruction (g) still beats random init", "g", "random", "+3.9"),
     ):
         comparison = cmp("finetune", a, b)
-        page.finding(f"{claim} (FT)", f"{paper} pt", report.diff_text(comparison), report.directional_verdict(comparison))
+        page.finding(
+            f"{claim} (FT)", f"{paper} pt", report.diff_text(comparison), report.directional_verdict(comparison)
+        )
 
     # ---- which differences exceed the seed spread
     lines = []

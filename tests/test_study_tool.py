@@ -1,0 +1,189 @@
+"""tools/study.py: the verdict rules against hand-computed numbers, the
+runner's reuse / failure / sharing, every study end to end in its smoke
+profile (a few steps per run), a rerun that reuses every run and rewrites
+the same page, and the GPU plan."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.tf_only]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import studies  # noqa: E402
+import study  # noqa: E402
+from studies import report  # noqa: E402
+from studies.runner import Input, Run, RunFailed, Runner  # noqa: E402
+from studies.scale import Scale  # noqa: E402
+
+
+# --------------------------------------------------------------------------- rules
+def test_pooled_std_and_compare_match_numpy():
+    groups = [[0.80, 0.82, 0.81], [0.70, 0.74], [0.5]]
+    pooled = np.sqrt((2 * np.var(groups[0], ddof=1) + 1 * np.var(groups[1], ddof=1)) / 3)
+    assert report.pooled_std(groups) == pytest.approx(pooled)
+    assert report.pooled_std([[1.0], [2.0]]) is None
+    c = report.compare(groups[0], groups[2], pooled)
+    assert c["diff"] == pytest.approx(np.mean(groups[0]) - 0.5)
+    assert c["margin"] == pytest.approx(2 * pooled * np.sqrt(1 / 3 + 1))
+    assert c["exceeds"]
+
+
+@pytest.mark.parametrize(
+    "a,b,spread,sign,verdict",
+    [
+        ([0.9, 0.9], [0.8, 0.8], 0.01, 1, report.REPRODUCED),
+        ([0.9, 0.9], [0.8, 0.8], 0.01, -1, report.CONTRADICTED),
+        ([0.81, 0.81], [0.80, 0.80], 0.05, 1, report.NOT_AT_SCALE),
+        ([0.9], [0.8], None, 1, report.NOT_AT_SCALE),  # no seed spread: no claim either way
+    ],
+)
+def test_directional_verdict(a, b, spread, sign, verdict):
+    assert report.directional_verdict(report.compare(a, b, spread), sign) == verdict
+
+
+def test_equivalence_verdict_needs_a_gain_first():
+    gain = report.compare([0.9, 0.9], [0.7, 0.7], 0.01)
+    no_gain = report.compare([0.71, 0.7], [0.7, 0.7], 0.05)
+    close = report.compare([0.9, 0.9], [0.895, 0.9], 0.01)
+    far = report.compare([0.9, 0.9], [0.8, 0.8], 0.01)
+    assert report.equivalence_verdict(close, gain) == report.REPRODUCED
+    assert report.equivalence_verdict(far, gain) == report.CONTRADICTED
+    assert report.equivalence_verdict(close, no_gain) == report.NOT_AT_SCALE
+
+
+def test_spearman_matches_the_rank_correlation():
+    x, y = [0.3, 0.45, 0.6, 0.75, 0.9], [1.0, 3.0, 2.0, 5.0, 4.0]
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    assert report.spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+    assert report.spearman([1, 2, 3], [3, 3, 3]) == 0.0
+    assert report.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties share their mean rank
+
+
+def test_a_finding_takes_only_the_three_verdicts():
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        report.Finding("x", "y", "z", "maybe")
+
+
+# --------------------------------------------------------------------------- runner
+def _script(tmp_path, body):
+    path = tmp_path / "fake_recipe.py"
+    path.write_text(
+        "import json, os, sys\n"
+        "args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+        "os.makedirs(args['output_dir'], exist_ok=True)\n" + body
+    )
+    return str(path)
+
+
+def test_runner_reuses_a_finished_run_and_reruns_a_changed_one(tmp_path):
+    counter = tmp_path / "count"
+    script = _script(
+        tmp_path,
+        f"open({str(counter)!r}, 'a').write('x')\n"
+        "open(os.path.join(args['output_dir'], 'out.txt'), 'w').write(args['value'])\n"
+        "print(json.dumps({'top1': float(args['value'])}))\n",
+    )
+    first = Run("fake", script, ("--value=0.5",))
+    runner = Runner(tmp_path / "runs")
+    assert runner.result(first)["result"] == {"top1": 0.5}
+    assert Runner(tmp_path / "runs").result(first)["result"] == {"top1": 0.5}  # a new process reuses it
+    assert counter.read_text() == "x"
+    changed = Run("fake", script, ("--value=0.25",))
+    assert changed.key != first.key
+    assert Runner(tmp_path / "runs").result(changed)["result"] == {"top1": 0.25}
+    assert Runner(tmp_path / "runs", reuse=False).result(first)["result"] == {"top1": 0.5}
+    assert counter.read_text() == "xxx"
+    # a run reading another run's file: the path is filled in, the key follows the input's
+    reader = _script(
+        tmp_path,
+        "print(json.dumps({'read': open(args['source']).read()}))\n",
+    )
+    dependent = Run("reader", reader, ("--source={src}",), (Input("src", changed, "out.txt"),))
+    assert Runner(tmp_path / "runs").result(dependent)["result"] == {"read": "0.25"}
+    assert Run("reader", reader, ("--source={src}",), (Input("src", first, "out.txt"),)).key != dependent.key
+
+
+def test_a_failed_run_names_its_log_and_leaves_no_record(tmp_path):
+    script = _script(tmp_path, "sys.exit('bad flag')\n")
+    runner = Runner(tmp_path / "runs")
+    run = Run("broken", script, ())
+    with pytest.raises(RunFailed, match=r"run broken failed \(exit 1\); its output is in .*log.txt"):
+        runner.result(run)
+    assert runner.finished(run) is None
+    assert "bad flag" in open(runner.path(run, "log.txt")).read()
+
+
+# --------------------------------------------------------------------------- studies
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+    """One runs folder for every smoke study of this module: the studies
+    share their common runs (MAE, random init) as they do at full scale."""
+    return tmp_path_factory.mktemp("study_runs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", studies.ORDER)
+def test_every_study_runs_end_to_end_in_smoke(name, shared_runs, tmp_path):
+    results = tmp_path / "results"
+    assert study.main([name, "--smoke", f"--runs_dir={shared_runs}", f"--results_dir={results}"]) == 0
+    page = (results / f"{name}.md").read_text()
+    summary = json.loads((results / f"{name}.json").read_text())
+    assert summary["study"] == name and summary["scale"] == "cpu (smoke)"
+    assert summary["findings"], "a study states at least one finding"
+    for finding in summary["findings"]:
+        assert finding["verdict"] in report.VERDICTS
+        assert f"| {finding['claim']} |" in page
+    assert f"`python tools/study.py {name} --smoke`" in page
+    assert "**Machine:**" in page and "keras_lcmae" in page
+    for image in (line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")):
+        assert (results / image).stat().st_size > 1000
+    assert f"({name}.md)" in (results / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_every_run_and_writes_the_same_page(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    args = ["single_image", "--smoke", f"--runs_dir={runs}", f"--results_dir={results}"]
+    assert study.main(args) == 0
+    page = (results / "single_image.md").read_bytes()
+    figure = (results / "single_image.png").read_bytes()
+    records = {p: p.stat().st_mtime_ns for p in runs.glob("*/study_run.json")}
+    assert len(records) == len(studies.load("single_image").runs(Scale("cpu", smoke=True)))
+    assert study.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/study_run.json")} == records
+    assert (results / "single_image.md").read_bytes() == page
+    assert (results / "single_image.png").read_bytes() == figure
+
+
+def test_the_gpu_plan_states_the_hours(tmp_path, capsys):
+    assert study.main(["all", "--scale=gpu", "--dry_run", f"--runs_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    for name in studies.ORDER:
+        assert f"{name}: " in out
+    total = [line for line in out.splitlines() if line.startswith("total:")]
+    assert total and " h on one accelerator" in total[0]
+    hours = float(total[0].split("about ")[1].split(" h")[0])
+    assert 1 < hours < 100
+    assert "--model=vit_tiny" in out and "--epochs=100" in out
+    assert not list(tmp_path.iterdir()), "a dry run runs nothing"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bogus"], "unknown study 'bogus'"),
+        ([], "name one study"),
+        (["settings", "--scale=tpu"], "flag --scale=tpu"),
+    ],
+)
+def test_a_bad_command_line_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
