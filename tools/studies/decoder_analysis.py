@@ -15,7 +15,8 @@ SUMMARY = (
     "patch-similarity matrix and a reference model's; high = the layer groups patches by content). "
     "The paper's reference is DINO; none is available offline, so the reference here is a supervised "
     "ViT of the same size trained from scratch on Fashion-MNIST labels (the finetune protocol on a "
-    "random encoder), whose last-layer patch features separate the classes."
+    "random encoder), whose last-layer patch features separate the classes. W is min-max rescaled "
+    "(`--normalization=minmax`): the plain cosine matrix of a model this small is close to 1 everywhere."
 )
 
 
