@@ -33,7 +33,9 @@ def plan(scale):
         analyses.append(
             {
                 "attention": scale.analyze("attention-similarity", model, label),
-                "semantic": scale.analyze("semantic-similarity", model, label, reference=(reference, "best.keras")),
+                "semantic": scale.analyze(
+                    "semantic-similarity", model, label, reference=(reference, "best.keras"), normalization="minmax"
+                ),
             }
         )
     maps = scale.analyze("attention-maps", group.pretrain[0], group.pretrain[0].name[len("pretrain_") :], rows=2)
