@@ -57,6 +57,18 @@ def read_scalars_and_images(folder):
     return tags
 
 
+def test_train_limit_pretrains_on_the_first_images(tmp_path):
+    out = tmp_path / "one"
+    result = run(*TINY, "--train_limit=1", "--epochs=1", "--monitor_every=0", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["steps"] == 3 and math.isfinite(final["loss"])
+    with open(out / "plan.json") as f:
+        assert json.load(f)["images"] == 1  # one image, repeated with fresh augmentations for every step
+    bad = run(*TINY, "--train_limit=0", f"--output_dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "--train_limit" in bad.stderr
+
+
 def test_short_run_writes_everything(tmp_path):
     out = os.path.join(tmp_path, "run")
     result = run(*TINY, f"--output_dir={out}")

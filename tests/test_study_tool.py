@@ -22,23 +22,38 @@ from studies.scale import Scale  # noqa: E402
 
 
 # --------------------------------------------------------------------------- rules
-def test_pooled_std_and_compare_match_numpy():
+def test_pooled_std_and_compare_are_a_pooled_t_test():
     groups = [[0.80, 0.82, 0.81], [0.70, 0.74], [0.5]]
     pooled = np.sqrt((2 * np.var(groups[0], ddof=1) + 1 * np.var(groups[1], ddof=1)) / 3)
-    assert report.pooled_std(groups) == pytest.approx(pooled)
+    spread = report.pooled_std(groups)
+    assert spread.value == pytest.approx(pooled) and spread.dof == 3
     assert report.pooled_std([[1.0], [2.0]]) is None
-    c = report.compare(groups[0], groups[2], pooled)
+    c = report.compare(groups[0], groups[2], spread)
     assert c["diff"] == pytest.approx(np.mean(groups[0]) - 0.5)
-    assert c["margin"] == pytest.approx(2 * pooled * np.sqrt(1 / 3 + 1))
+    assert c["margin"] == pytest.approx(3.182 * pooled * np.sqrt(1 / 3 + 1))  # t(0.975, 3 dof)
     assert c["exceeds"]
+    # the one-sample version on differences within runs
+    d = report.per_seed([0.02, 0.04, 0.03])
+    assert d["margin"] == pytest.approx(4.303 * np.std([0.02, 0.04, 0.03], ddof=1) / np.sqrt(3))
+    assert d["exceeds"] and report.per_seed([0.5])["margin"] is None
+
+
+def test_t_quantiles():
+    assert report.t_quantile(1) == 12.706 and report.t_quantile(8) == 2.306
+    assert report.t_quantile(13) == 2.179  # rounded down to a tabulated dof: conservative
+    assert 1.96 <= report.t_quantile(500) < 2.0
+
+
+def _spread(value, dof=4):
+    return report.Spread(value, dof)
 
 
 @pytest.mark.parametrize(
     "a,b,spread,sign,verdict",
     [
-        ([0.9, 0.9], [0.8, 0.8], 0.01, 1, report.REPRODUCED),
-        ([0.9, 0.9], [0.8, 0.8], 0.01, -1, report.CONTRADICTED),
-        ([0.81, 0.81], [0.80, 0.80], 0.05, 1, report.NOT_AT_SCALE),
+        ([0.9, 0.9], [0.8, 0.8], _spread(0.01), 1, report.REPRODUCED),
+        ([0.9, 0.9], [0.8, 0.8], _spread(0.01), -1, report.CONTRADICTED),
+        ([0.81, 0.81], [0.80, 0.80], _spread(0.05), 1, report.NOT_AT_SCALE),
         ([0.9], [0.8], None, 1, report.NOT_AT_SCALE),  # no seed spread: no claim either way
     ],
 )
@@ -46,14 +61,16 @@ def test_directional_verdict(a, b, spread, sign, verdict):
     assert report.directional_verdict(report.compare(a, b, spread), sign) == verdict
 
 
-def test_equivalence_verdict_needs_a_gain_first():
-    gain = report.compare([0.9, 0.9], [0.7, 0.7], 0.01)
-    no_gain = report.compare([0.71, 0.7], [0.7, 0.7], 0.05)
-    close = report.compare([0.9, 0.9], [0.895, 0.9], 0.01)
-    far = report.compare([0.9, 0.9], [0.8, 0.8], 0.01)
+def test_equivalence_verdict_needs_a_gain_and_a_tight_margin():
+    gain = report.compare([0.9, 0.9], [0.7, 0.7], _spread(0.01))
+    no_gain = report.compare([0.71, 0.7], [0.7, 0.7], _spread(0.05))
+    close = report.compare([0.9, 0.9], [0.895, 0.9], _spread(0.01))
+    loose = report.compare([0.9, 0.9], [0.895, 0.9], _spread(0.1))  # margin over half the gain
+    far = report.compare([0.9, 0.9], [0.8, 0.8], _spread(0.01))
     assert report.equivalence_verdict(close, gain) == report.REPRODUCED
     assert report.equivalence_verdict(far, gain) == report.CONTRADICTED
     assert report.equivalence_verdict(close, no_gain) == report.NOT_AT_SCALE
+    assert report.equivalence_verdict(loose, gain) == report.NOT_AT_SCALE
 
 
 def test_spearman_matches_the_rank_correlation():
@@ -187,3 +204,25 @@ def test_a_bad_command_line_is_one_line(args, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_the_committed_results_pages_are_whole():
+    """docs/results/ holds a page, a summary and the figures of every study at
+    the cpu scale, and the index lists every finding of every page."""
+    results = os.path.join(ROOT, "docs", "results")
+    index = open(os.path.join(results, "README.md"), encoding="utf-8").read()
+    assert "Not run yet" not in index
+    for name in studies.ORDER:
+        page = open(os.path.join(results, f"{name}.md"), encoding="utf-8").read()
+        with open(os.path.join(results, f"{name}.json")) as f:
+            summary = json.load(f)
+        assert summary["scale"] == "cpu" and summary["command"] == f"python tools/study.py {name}"
+        assert f"`python tools/study.py {name}`" in page and "**Machine:**" in page
+        for finding in summary["findings"]:
+            assert finding["verdict"] in report.VERDICTS
+            assert f"| {finding['claim']} |" in page and finding["claim"] in index
+        images = [line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
+        assert images, f"{name}.md shows no figure"
+        for image in images:
+            size = os.path.getsize(os.path.join(results, image))
+            assert 1000 < size < 300_000, image

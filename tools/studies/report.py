@@ -1,13 +1,16 @@
 """Numbers to verdicts, and verdicts to a results page.
 
 The comparison rule, used by every study: two groups of runs (seeds) differ
-when the difference of their means exceeds twice its standard error,
-``2 * s * sqrt(1/n_a + 1/n_b)``, where ``s`` is the per-run spread over
-seeds pooled over every group of the study that has two or more seeds (so a
-group with one seed still gets an honest error bar). A finding whose
-predicted direction shows beyond that margin is **reproduced**, one whose
-opposite shows beyond it is **contradicted**, anything within it is **not
-at this scale** (the numbers are given either way).
+when the difference of their means exceeds ``t * s * sqrt(1/n_a + 1/n_b)``,
+where ``s`` is the per-run spread over seeds pooled over every group of the
+study that has two or more seeds (so a group with one seed still gets an
+honest error bar) and ``t`` the two-sided 95 % Student-t quantile for the
+degrees of freedom of that pooled spread: a pooled two-sample t-test. A
+difference measured within each run is tested against its own spread over
+seeds (a one-sample t-test). A finding whose predicted direction shows
+beyond that margin is **reproduced**, one whose opposite shows beyond it is
+**contradicted**, anything within it is **not at this scale** (the numbers
+are given either way).
 """
 
 import json
@@ -33,30 +36,60 @@ def std(values):
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T975_TAIL = ((12, 2.179), (15, 2.131), (20, 2.086), (30, 2.042), (60, 2.0), (120, 1.98))
+
+
+def t_quantile(dof):
+    """The two-sided 95 % Student-t quantile for ``dof`` degrees of freedom
+    (rounded down to the nearest tabulated ``dof`` beyond 10: conservative)."""
+    if dof < 1:
+        raise ValueError(f"dof must be >= 1, got {dof}")
+    if dof in _T975:
+        return _T975[dof]
+    value = _T975[10]
+    for d, t in _T975_TAIL:
+        if dof >= d:
+            value = t
+    return value if dof < 1000 else 1.96
+
+
+class Spread:
+    """A per-run spread over seeds and its degrees of freedom."""
+
+    def __init__(self, value, dof):
+        self.value, self.dof = value, dof
+
+
 def pooled_std(groups):
-    """The per-run spread pooled over the groups with two or more values:
-    ``sqrt(sum((n_i - 1) s_i^2) / sum(n_i - 1))``; None when no group has two."""
+    """The per-run spread pooled over the groups with two or more values,
+    ``sqrt(sum((n_i - 1) s_i^2) / sum(n_i - 1))``, as a :class:`Spread` with
+    ``sum(n_i - 1)`` degrees of freedom; None when no group has two."""
     dof = sum(len(g) - 1 for g in groups if len(g) > 1)
     if dof == 0:
         return None
-    return math.sqrt(sum((len(g) - 1) * std(g) ** 2 for g in groups if len(g) > 1) / dof)
+    return Spread(math.sqrt(sum((len(g) - 1) * std(g) ** 2 for g in groups if len(g) > 1) / dof), dof)
 
 
 def compare(a, b, spread):
-    """``mean(a) - mean(b)`` and its two-standard-error margin under the
-    per-run ``spread``: ``{"diff", "margin", "exceeds"}``."""
+    """``mean(a) - mean(b)`` and its margin, the 95 % t-quantile times the
+    standard error under the per-run ``spread`` (a :class:`Spread`):
+    ``{"diff", "margin", "exceeds"}``."""
     diff = mean(a) - mean(b)
-    margin = 2 * spread * math.sqrt(1 / len(a) + 1 / len(b)) if spread is not None else None
+    margin = None
+    if spread is not None:
+        margin = t_quantile(spread.dof) * spread.value * math.sqrt(1 / len(a) + 1 / len(b))
     return {"diff": diff, "margin": margin, "exceeds": margin is not None and abs(diff) > margin}
 
 
 def per_seed(differences):
     """A comparison made within each seed (``differences``: one value per
-    seed, e.g. layer 1 minus the rest): their mean, against twice its
-    standard error over seeds; no margin with one seed."""
+    seed, e.g. layer 1 minus the rest): their mean, against the 95 %
+    t-quantile times its standard error over seeds; no margin with one seed."""
     n = len(differences)
     diff = mean(differences)
-    margin = 2 * std(differences) / math.sqrt(n) if n > 1 else None
+    margin = t_quantile(n - 1) * std(differences) / math.sqrt(n) if n > 1 else None
     return {"diff": diff, "margin": margin, "exceeds": margin is not None and abs(diff) > margin}
 
 
@@ -69,13 +102,16 @@ def directional_verdict(comparison, expected_sign=1):
 
 
 def equivalence_verdict(comparison, gain):
-    """The verdict on "b does about as well as a": reproduced when ``a`` is
-    not better than ``b`` beyond the margin, contradicted when it is, not at
-    this scale when the ``gain`` the comparison is about (pretraining vs none)
-    is itself within its own margin."""
-    if not gain["exceeds"] or gain["diff"] <= 0:
+    """The verdict on "b does about as well as a" (``comparison``: a - b):
+    contradicted when ``a`` is better beyond the margin; reproduced when it
+    is not and the test could have told, i.e. the ``gain`` the comparison is
+    about (pretraining vs none) is itself beyond its margin and the
+    comparison's margin is under half of that gain; else not at this scale."""
+    if comparison["exceeds"] and comparison["diff"] > 0:
+        return CONTRADICTED
+    if not gain["exceeds"] or gain["diff"] <= 0 or comparison["margin"] >= gain["diff"] / 2:
         return NOT_AT_SCALE
-    return CONTRADICTED if comparison["exceeds"] and comparison["diff"] > 0 else REPRODUCED
+    return REPRODUCED
 
 
 def spearman(x, y):
@@ -201,11 +237,13 @@ class Page:
 
 
 RULE = (
-    "Verdicts: two groups of runs differ when their means differ by more than twice the standard "
-    "error given by the spread over seeds (pooled over the study's groups with two or more seeds; "
-    "for a difference measured within each run, its spread over seeds). "
-    "*Reproduced*: the paper's direction shows beyond that margin; *contradicted*: the opposite "
-    "does; *not at this scale*: within it. Each number is from the runs listed under Runs."
+    "Verdicts: two groups of runs differ when their means differ by more than the margin of a 95 % "
+    "t-test: the t-quantile times the standard error given by the spread over seeds (pooled over "
+    "the study's groups with two or more seeds; for a difference measured within each run, its own "
+    "spread over seeds). *Reproduced*: the paper's direction shows beyond that margin; "
+    "*contradicted*: the opposite does; *not at this scale*: within it. A claim that two do about "
+    "as well is judged only where pretraining itself beats random init and the margin is under half "
+    "of that gain. Each number is from the runs listed under Runs."
 )
 
 

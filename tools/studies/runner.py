@@ -66,6 +66,11 @@ class Run:
     def folder_name(self):
         return f"{self.name}-{self.key}"
 
+    def flag(self, name, default=None):
+        """The value of ``--name=value`` among the flags (the last one wins)."""
+        values = [f.split("=", 1)[1] for f in self.flags if f.startswith(f"--{name}=")]
+        return values[-1] if values else default
+
 
 def git_commit():
     """The checkout's short commit, ``+changes`` when tracked files differ
@@ -204,7 +209,7 @@ class Runner:
             self._environment = environment()
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(self.env or {}))
         start = time.time()
-        with open(os.path.join(folder, "log.txt"), "w") as log:
+        with open(os.path.join(folder, "log.txt"), "a") as log:  # an interrupted attempt's log stays above
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
             log.write(proc.stdout)
         seconds = time.time() - start

@@ -94,6 +94,7 @@ PROFILES = {
             warmup_epochs=10,
             weight_decay=0.05,
             monitor_every=0,
+            save_every=100,  # one whole-model checkpoint (with its optimizer state) per run, not 100
         ),
         linprobe=dict(
             pool="avg",
@@ -231,8 +232,7 @@ class Scale:
 
     def checkpoint(self, pretrain_run):
         """The whole model a pretraining run saved after its last epoch."""
-        epochs = dict(zip((f.split("=")[0] for f in pretrain_run.flags), pretrain_run.flags)).get("--epochs")
-        return f"checkpoints/epoch_{int(epochs.split('=')[1]):03d}.keras"
+        return f"checkpoints/epoch_{int(pretrain_run.flag('epochs')):03d}.keras"
 
     def analyze(self, command, model, label, path=None, reference=None, **flags):
         """``tools/analyze.py <command>`` on ``model``'s ``path`` (default:
@@ -258,7 +258,6 @@ class Scale:
         tflops, min_step_s = self.speed["tflops"], self.speed["min_step_s"]
         total = 0.0
         for run in runs:
-            flags = dict(f[2:].split("=", 1) for f in run.flags if f.startswith("--") and "=" in f)
             if run.script == ANALYZE:
                 total += 60.0
                 continue
@@ -268,19 +267,19 @@ class Scale:
                 patch=int(self.encoder["patch_size"]),
                 width=width,
                 depth=depth,
-                dec_width=int(flags.get("decoder_hidden_dim", 1)),
-                dec_depth=int(flags.get("decoder_depth", 1)),
+                dec_width=int(run.flag("decoder_hidden_dim", 1)),
+                dec_depth=int(run.flag("decoder_depth", 1)),
             )
-            batch = int(flags["batch_size"])
-            epochs = int(flags["epochs"])
-            steps = int(flags.get("steps_per_epoch") or max(1, int(flags.get("train_limit", FULL_TRAIN)) // batch))
+            batch = int(run.flag("batch_size"))
+            epochs = int(run.flag("epochs"))
+            steps = int(run.flag("steps_per_epoch") or max(1, int(run.flag("train_limit", FULL_TRAIN)) // batch))
             if run.script == PRETRAIN:
-                method = flags.get("method", "lcmae")
-                per_image = 3 * forward_flops_per_image(c, method, float(flags.get("mask_ratio", 0.75)))
+                per_image = 3 * forward_flops_per_image(c, run.flag("method", "lcmae"), float(run.flag("mask_ratio")))
             elif run.script == FINETUNE:
                 per_image = 3 * forward_flops_per_image(c, "finetune")
-            else:  # linear probe on cached features: one forward pass, the head is free
-                per_image, steps, epochs = forward_flops_per_image(c, "finetune"), max(1, FULL_TRAIN // batch), 1
+            else:  # linear probe on cached features: one forward pass over its images, the head is free
+                images = int(run.flag("train_limit", FULL_TRAIN)) + int(run.flag("val_limit", 10000))
+                per_image, steps, epochs = forward_flops_per_image(c, "finetune"), max(1, images // batch), 1
             step = max(min_step_s, per_image * batch / (tflops * 1e12))
             total += steps * epochs * step + 30.0  # + start-up and evaluation
         return total / 3600.0

@@ -1,6 +1,7 @@
 """LC-MAE Table A.1: MAE pretrained on a single image still helps finetuning."""
 
 from studies import base, report
+from studies.scale import FULL_TRAIN
 
 NAME = "single_image"
 TITLE = "Pretraining on a single image"
@@ -14,9 +15,12 @@ PAPER = {"random": 78.6, "single": 81.8, "full": 82.9}
 
 
 def plan(scale):
+    steps = {}
+    if "steps_per_epoch" not in scale.pretrain_flags:  # one image makes no epoch: as many steps as the full run
+        steps = dict(steps_per_epoch=FULL_TRAIN // scale.pretrain_flags["batch_size"])
     return {
         "single": base.evaluated(
-            scale, "mae_1img", range(scale.few_seeds), linprobe=False, method="mae", train_limit=1
+            scale, "mae_1img", range(scale.few_seeds), linprobe=False, method="mae", train_limit=1, **steps
         ),
         "full": base.evaluated(scale, "mae", range(scale.seeds), linprobe=False, method="mae"),
         "random": base.random_init(scale, range(scale.seeds), linprobe=False),
