@@ -1,8 +1,6 @@
 """LC-MAE Table 3: MAE against AutoEncoder(k), no masking, each token
 predicting the k x k block centred on it."""
 
-import itertools
-
 from studies import base, report
 
 NAME = "autoencoder"
@@ -34,15 +32,13 @@ def plan(scale):
 
 
 def runs(scale):
-    return base.unique(itertools.chain.from_iterable(g.runs() for g in plan(scale).values()))
+    return base.group_runs(plan(scale))
 
 
 def report_page(scale, results, page, figure_path):
     groups = plan(scale)
     sizes = block_sizes(scale)
-    ft = {k: results.top1(g, "finetune") for k, g in groups.items()}
-    lp = {k: results.top1(g, "linprobe") for k, g in groups.items()}
-    knn = {k: results.knn(g) for k, g in groups.items()}
+    ft, lp, knn = results.accuracies(groups)
     spread_ft, spread_lp = report.pooled_std(list(ft.values())), report.pooled_std(list(lp.values()))
 
     def name(key):

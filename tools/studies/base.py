@@ -45,6 +45,11 @@ def random_init(scale, seeds, linprobe=True):
     )
 
 
+def group_runs(groups):
+    r"""Every run of the :class:`Group`\ s (a dict), each once, in order."""
+    return unique(run for group in groups.values() for run in group.runs())
+
+
 def unique(runs):
     """``runs`` without repeats (by key), first occurrence first."""
     seen, out = set(), []
@@ -75,6 +80,15 @@ class Results:
 
     def knn(self, group):
         return self.values(group.linprobe, "knn_top1")
+
+    def accuracies(self, groups):
+        """``(finetune, linprobe, knn)``: top-1 per seed of each group (a
+        dict of :class:`Group`), keyed as ``groups``."""
+        return (
+            {k: self.top1(g, "finetune") for k, g in groups.items()},
+            {k: self.top1(g, "linprobe") for k, g in groups.items()},
+            {k: self.knn(g) for k, g in groups.items()},
+        )
 
     def csv_rows(self, run, name):
         """The rows of ``<name>.csv`` that an analysis run wrote."""

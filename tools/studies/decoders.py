@@ -1,7 +1,5 @@
 """LC-MAE Table 2: decoders without attention do nearly as well."""
 
-import itertools
-
 from studies import base, report
 
 NAME = "decoders"
@@ -32,14 +30,12 @@ def plan(scale):
 
 
 def runs(scale):
-    return base.unique(itertools.chain.from_iterable(g.runs() for g in plan(scale).values()))
+    return base.group_runs(plan(scale))
 
 
 def report_page(scale, results, page, figure_path):
     groups = plan(scale)
-    ft = {k: results.top1(g, "finetune") for k, g in groups.items()}
-    lp = {k: results.top1(g, "linprobe") for k, g in groups.items()}
-    knn = {k: results.knn(g) for k, g in groups.items()}
+    ft, lp, knn = results.accuracies(groups)
     spread = report.pooled_std(list(ft.values()))
     keys = [*DECODERS, "random"]
     rows = [

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from bench.report import git_commit  # the short commit, "+changes" for a modified checkout
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORD = "study_run.json"
 
@@ -70,25 +72,6 @@ class Run:
         """The value of ``--name=value`` among the flags (the last one wins)."""
         values = [f.split("=", 1)[1] for f in self.flags if f.startswith(f"--{name}=")]
         return values[-1] if values else default
-
-
-def git_commit():
-    """The checkout's short commit, ``+changes`` when tracked files differ
-    from it; ``unknown`` outside a git checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+changes" if dirty else "")) if commit else "unknown"
 
 
 def machine():

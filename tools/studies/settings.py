@@ -38,14 +38,12 @@ def plan(scale):
 
 
 def runs(scale):
-    return base.unique(itertools.chain.from_iterable(g.runs() for g in plan(scale).values()))
+    return base.group_runs(plan(scale))
 
 
 def report_page(scale, results, page, figure_path):
     groups = plan(scale)
-    ft = {k: results.top1(g, "finetune") for k, g in groups.items()}
-    lp = {k: results.top1(g, "linprobe") for k, g in groups.items()}
-    knn = {k: results.knn(g) for k, g in groups.items()}
+    ft, lp, knn = results.accuracies(groups)
     vstd = {s: results.values(groups[s].pretrain, "v_std") for s in SETTINGS}
     healthy = 1 / scale.pretrain_flags["projector_dim"] ** 0.5
     collapsed = {s: report.mean(v) < COLLAPSED * healthy for s, v in vstd.items()}
