@@ -5,6 +5,7 @@ the same page, and the GPU plan."""
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_every_study_runs_end_to_end_in_smoke(name, shared_runs, tmp_path):
         assert f"| {finding['claim']} |" in page
     assert f"`python tools/study.py {name} --smoke`" in page
     assert "**Machine:**" in page and "keras_lcmae" in page
-    for image in (line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")):
+    for image in re.findall(r"^!\[[^\]]*\]\(([^)\s]+)\)", page, re.M):
         assert (results / image).stat().st_size > 1000
     assert f"({name}.md)" in (results / "README.md").read_text()
 
@@ -221,7 +222,7 @@ def test_the_committed_results_pages_are_whole():
         for finding in summary["findings"]:
             assert finding["verdict"] in report.VERDICTS
             assert f"| {finding['claim']} |" in page and finding["claim"] in index
-        images = [line.split("(")[1].rstrip(")") for line in page.splitlines() if line.startswith("![")]
+        images = re.findall(r"^!\[[^\]]*\]\(([^)\s]+)\)", page, re.M)
         assert images, f"{name}.md shows no figure"
         for image in images:
             size = os.path.getsize(os.path.join(results, image))
