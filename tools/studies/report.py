@@ -203,8 +203,9 @@ class Page:
         lines += [
             f"- **Command:** `{command}`",
             f"- **Scale:** {scale.label}: {describe(scale)}",
-            f"- **Runs:** {len(records)}, {seconds / 60:.1f} min of compute in all "
-            f"(finished {dates[0] if dates else '-'}{' to ' + dates[-1] if len(dates) > 1 else ''})",
+            f"- **Runs:** {len(records)}, {seconds / 60:.1f} min in all (the sum of their wall times, "
+            "slowed by whatever else ran on the machine at the time; finished "
+            f"{dates[0] if dates else '-'}{' to ' + dates[-1] if len(dates) > 1 else ''})",
         ]
         for env in envs.values():
             versions = ", ".join(f"{k} {v}" for k, v in sorted(env["versions"].items()))
