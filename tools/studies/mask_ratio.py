@@ -46,6 +46,11 @@ def report_page(scale, results, page, figure_path):
         for ratio in RATIOS
     }
     depth = len(distance[RATIOS[0]][0])
+    from keras_lcmae.analysis import mean_pairwise_distance
+
+    patch = scale.encoder["patch_size"]
+    grid = 32 // patch
+    uniform = mean_pairwise_distance((grid, grid), patch)
     layer_mean = {
         ratio: [report.mean([s[layer] for s in distance[ratio]]) for layer in range(depth)] for ratio in RATIOS
     }
@@ -59,7 +64,9 @@ def report_page(scale, results, page, figure_path):
         "Results",
         report.table(["Mask ratio", *[f"layer {i + 1} px" for i in range(depth)], "all layers px"], rows)
         + f"\n\nMean attention distance in pixels on 32-px images ({scale.analyze_flags['num_images']} test "
-        "images, all patches, heads averaged), mean over seeds; the last column gives mean ± std over seeds.",
+        "images, all patches, heads averaged), mean over seeds; the last column gives mean ± std over seeds. "
+        f"Uniform attention over the {grid} x {grid} patches would give {uniform:.2f} px: the closer a layer "
+        "is to it, the less local its attention.",
     )
     lo, hi = RATIOS[0], RATIOS[-1]
     growth = report.compare(overall[hi], overall[lo], spread)
@@ -71,7 +78,7 @@ def report_page(scale, results, page, figure_path):
         "A larger mask ratio gives a larger attention distance",
         "monotone rise from 0.3 to 0.9",
         f"{hi:g} - {lo:g}: {report.diff_text(growth, scale=1.0, unit=' px', digits=2)}; "
-        f"Spearman rho(ratio, distance) {rho:+.2f}",
+        f"Spearman rho(ratio, distance) {rho:+.2f}; uniform attention {uniform:.2f} px",
         verdict,
     )
     # per seed: how much more the last layer's distance grows from lo to hi than the first layer's
@@ -99,5 +106,9 @@ def report_page(scale, results, page, figure_path):
         figure_path,
         [("encoder attention distance", "distance (px)", {f"r={r:g}": layer_mean[r] for r in RATIOS}, None)],
         xlabel="encoder layer",
+        hline=(uniform, "uniform attention"),
     )
-    page.figure(figure_path.rsplit("/", 1)[-1], "Mean attention distance per encoder layer, one line per mask ratio.")
+    page.figure(
+        figure_path.rsplit("/", 1)[-1],
+        "Mean attention distance per encoder layer, one line per mask ratio; dashed: uniform attention.",
+    )

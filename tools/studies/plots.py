@@ -53,18 +53,21 @@ def bars(path, labels, panels, paper=None, paper_title="paper"):
     return path
 
 
-def curves(path, panels, xlabel="layer"):
+def curves(path, panels, xlabel="layer", hline=None):
     """Line panels: ``[(title, ylabel, {label: [y per x]}, xs or None), ...]``
-    (x runs from 1 when ``xs`` is None)."""
+    (x runs from 1 when ``xs`` is None); ``hline``: ``(y, label)`` drawn
+    dashed in every panel (a reference value)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
     for ax, (title, ylabel, lines, xs) in zip(axes[0], panels):
         for label, ys in lines.items():
             ax.plot(xs or list(range(1, len(ys) + 1)), ys, marker="o", markersize=3, label=str(label))
+        if hline is not None:
+            ax.axhline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
-        if len(lines) > 1:
+        if len(lines) > 1 or hline is not None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
