@@ -137,18 +137,73 @@ def test_a_failed_run_names_its_log_and_leaves_no_record(tmp_path):
 
 
 # --------------------------------------------------------------------------- studies
-@pytest.fixture(scope="module")
-def shared_runs(tmp_path_factory):
-    """One runs folder for every smoke study of this module: the studies
-    share their common runs (MAE, random init) as they do at full scale."""
-    return tmp_path_factory.mktemp("study_runs")
+def _fake_recipes(monkeypatch):
+    """Replaces the recipes the runner starts by a stand-in that writes what
+    each one writes (files, CSV columns, the final JSON line) with made-up
+    numbers, so every study's plan, runner and page run in seconds. The
+    real recipes run in the tests below, and their outputs are checked in
+    their own tests (test_eval_recipes, test_pretrain_recipe, test_analysis)."""
+    import hashlib
+    import random
+    import subprocess
+    import types
+
+    real_run = subprocess.run
+
+    def fake(cmd, **kwargs):
+        script = os.path.relpath(cmd[1], ROOT) if len(cmd) > 1 and os.path.isabs(cmd[1]) else ""
+        if script not in ("recipes/pretrain.py", "recipes/linprobe.py", "recipes/finetune.py", "tools/analyze.py"):
+            return real_run(cmd, **kwargs)
+        args = dict(a[2:].split("=", 1) for a in cmd[2:] if a.startswith("--") and "=" in a)
+        out = args["output_dir"]
+        os.makedirs(out, exist_ok=True)
+        rng = random.Random(hashlib.sha1(" ".join(cmd[2:]).encode()).hexdigest())
+        if script == "recipes/pretrain.py":
+            os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+            for name in ("encoder.keras", f"checkpoints/epoch_{int(args['epochs']):03d}.keras"):
+                open(os.path.join(out, name), "w").close()
+            collapsed = args.get("loss_weights") == "c"
+            result = {"loss": rng.random(), "v_std": 0.001 if collapsed else 0.1 + 0.01 * rng.random()}
+        elif script == "tools/analyze.py":
+            command = cmd[2]
+            rows = {
+                "attention-similarity": (
+                    "layer,s_attn",
+                    [f"{i},{0.9 - 0.1 * i + 0.01 * rng.random()}" for i in (1, 2, 3)],
+                ),
+                "semantic-similarity": (
+                    "layer,s_sim",
+                    [f"{i},{0.5 + 0.1 * i + 0.01 * rng.random()}" for i in (1, 2, 3)],
+                ),
+                "attention-distance": (
+                    "part,layer,distance_px",
+                    [f"encoder,{i},{10 + i + rng.random()}" for i in (1, 2)],
+                ),
+                "attention-maps": ("image,query", ["0,1"]),
+            }[command]
+            name = command.replace("-", "_")
+            with open(os.path.join(out, f"{name}.csv"), "w") as f:
+                f.write("\n".join([rows[0], *rows[1]]) + "\n")
+            with open(os.path.join(out, f"{name}.png"), "wb") as f:
+                f.write(bytes(rng.randrange(256) for _ in range(2000)))
+            result = {"command": command}
+        else:
+            open(os.path.join(out, "best.keras"), "w").close()
+            result = {"top1": 0.7 + 0.05 * rng.random()}
+            if args.get("knn_k") and "--cache_features" in cmd:
+                result["knn_top1"] = 0.6 + 0.05 * rng.random()
+        return types.SimpleNamespace(returncode=0, stdout=json.dumps(result) + "\n")
+
+    monkeypatch.setattr(subprocess, "run", fake)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", studies.ORDER)
-def test_every_study_runs_end_to_end_in_smoke(name, shared_runs, tmp_path):
+def test_every_study_plans_runs_and_writes_its_page(name, tmp_path, monkeypatch):
+    """The smoke profile of every study through the runner and its page,
+    with the recipes stood in for (see _fake_recipes)."""
+    _fake_recipes(monkeypatch)
     results = tmp_path / "results"
-    assert study.main([name, "--smoke", f"--runs_dir={shared_runs}", f"--results_dir={results}"]) == 0
+    assert study.main([name, "--smoke", f"--runs_dir={tmp_path / 'runs'}", f"--results_dir={results}"]) == 0
     page = (results / f"{name}.md").read_text()
     summary = json.loads((results / f"{name}.json").read_text())
     assert summary["study"] == name and summary["scale"] == "cpu (smoke)"
@@ -161,10 +216,38 @@ def test_every_study_runs_end_to_end_in_smoke(name, shared_runs, tmp_path):
     for image in re.findall(r"^!\[[^\]]*\]\(([^)\s]+)\)", page, re.M):
         assert (results / image).stat().st_size > 1000
     assert f"({name}.md)" in (results / "README.md").read_text()
+    if name == "settings":  # the stand-in collapses (c) only
+        assert "| Cross-view loss alone, setting (c), collapses | collapse |" in page
+        assert summary["findings"][0]["verdict"] == report.REPRODUCED
+
+
+def test_every_planned_flag_is_a_flag_of_its_recipe():
+    """Each flag of every run of every study, in every profile, is one its
+    script defines (the recipes' --helpfull, analyze.py's --help of the
+    subcommand), so a renamed flag fails here and not after an hour."""
+    import subprocess
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    helps = {}
+    for scale in (Scale("cpu"), Scale("gpu"), Scale("cpu", smoke=True)):
+        for name in studies.ORDER:
+            for run in studies.load(name).runs(scale):
+                what = (run.script, run.flags[0] if run.script == "tools/analyze.py" else None)
+                if what not in helps:
+                    args = [what[1], "--help"] if what[1] else ["--helpfull"]
+                    proc = subprocess.run(
+                        [sys.executable, run.script, *args], cwd=ROOT, env=env, capture_output=True, text=True
+                    )
+                    helps[what] = proc.stdout + proc.stderr
+                for flag in (*run.flags, run.output_flag):
+                    if flag.startswith("--"):
+                        bare = flag[2:].split("=")[0]
+                        bare = bare[2:] if bare.startswith("no") and f"--{bare}" not in helps[what] else bare
+                        assert re.search(rf"--(\[no\])?{re.escape(bare)}\b", helps[what]), (name, run.script, flag)
 
 
 @pytest.mark.slow
-def test_a_rerun_reuses_every_run_and_writes_the_same_page(tmp_path):
+def test_a_study_runs_the_real_recipes_and_a_rerun_writes_the_same_page(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     args = ["single_image", "--smoke", f"--runs_dir={runs}", f"--results_dir={results}"]
     assert study.main(args) == 0
@@ -172,10 +255,23 @@ def test_a_rerun_reuses_every_run_and_writes_the_same_page(tmp_path):
     figure = (results / "single_image.png").read_bytes()
     records = {p: p.stat().st_mtime_ns for p in runs.glob("*/study_run.json")}
     assert len(records) == len(studies.load("single_image").runs(Scale("cpu", smoke=True)))
+    for p in records:  # the real recipes' final lines, read back
+        record = json.loads(p.read_text())
+        assert record["result"]["steps"] >= 1 and record["environment"]["backend"]
     assert study.main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/study_run.json")} == records
     assert (results / "single_image.md").read_bytes() == page
     assert (results / "single_image.png").read_bytes() == figure
+
+
+@pytest.mark.slow
+def test_a_study_reads_the_real_analyses(tmp_path):
+    results = tmp_path / "results"
+    assert study.main(["decoder_analysis", "--smoke", f"--runs_dir={tmp_path}", f"--results_dir={results}"]) == 0
+    page = (results / "decoder_analysis.md").read_text()
+    rows = [line for line in page.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == Scale("cpu", smoke=True).decoder_analysis_depth  # a row per decoder layer
+    assert (results / "decoder_analysis_maps.png").stat().st_size > 1000
 
 
 def test_the_gpu_plan_states_the_hours(tmp_path, capsys):
