@@ -213,8 +213,7 @@ class Scale:
         """The evaluation recipes' encoder flags: a pretraining run's
         ``encoder.keras``, or a random encoder of the profile's architecture."""
         if encoder is None:
-            arch = {k: v for k, v in self.encoder.items()}
-            return flag_list({"encoder": "random", **arch}), (), "random"
+            return flag_list({"encoder": "random", **self.encoder}), (), "random"
         return ["--encoder={encoder}"], (Input("encoder", encoder, "encoder.keras"),), encoder.name[len("pretrain_") :]
 
     def linprobe(self, encoder, seed):
