@@ -9,6 +9,10 @@ token has similarity 0 to everything).
 * :func:`token_similarity` -- the pairwise similarity matrix ``M`` ``(B, N, N)``.
 * :func:`bipartition` -- a deterministic 2-way split of each image's patches,
   ``(B, N)`` int32 in ``{0, 1}``.
+* :func:`main_object` -- which side of a split is the main object (the
+  boundary prior, see there), and :func:`object_scores` -- the similarity
+  score against the object's mean patch: together the masking order of
+  self-guided informed masks.
 * :func:`feature_variance` (sigma_F), :func:`similarity_variance` (sigma_s) and
   :func:`cluster_gap` (mu_intra - mu_inter): the metrics of Table 1 and
   Figure 3a of the paper. Each returns **one value per image**, shape ``(B,)``;
@@ -127,6 +131,111 @@ def bipartition(features, iterations=3):
     swap = ops.logical_or(ops.equal(count1, 0.0), ops.logical_and(ops.greater(count0, 0.0), ops.less(mean1, mean0)))
     ones = ops.where(ops.expand_dims(swap, -1), 1.0 - ones, ones)
     return ops.cast(ones, "int32")
+
+
+def border_patches(grid_size):
+    """``(N,)`` float32: 1 for the patches on the outer ring of a
+    ``(rows, cols)`` grid (row-major), 0 inside.
+
+    Example:
+    >>> import numpy as np
+    >>> np.asarray(border_patches((3, 3))).reshape(3, 3).astype(int).tolist()
+    [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
+    """
+    rows, cols = (int(grid_size), int(grid_size)) if isinstance(grid_size, int) else map(int, grid_size)
+    r = ops.arange(rows * cols) // cols
+    c = ops.arange(rows * cols) % cols
+    ring = ops.logical_or(
+        ops.logical_or(ops.equal(r, 0), ops.equal(r, rows - 1)), ops.logical_or(ops.equal(c, 0), ops.equal(c, cols - 1))
+    )
+    return ops.cast(ring, "float32")
+
+
+def main_object(features, assignments, grid_size):
+    """Relabels a 2-way split so that **1 is the main object**, ``(B, N)`` int32.
+
+    Rule (the boundary prior of unsupervised object discovery: the
+    background surrounds the object):
+
+    1. For each side, its *border share*: the fraction of its patches that
+       lie on the outer ring of the grid (:func:`border_patches`).
+    2. The side with the **smaller** border share is the object. This
+       compares fractions, not counts, so it does not depend on which side
+       is larger.
+    3. Equal shares (e.g. a grid with no interior, or both sides touching
+       the border alike) fall back to the side whose patches have the
+       **lower** mean similarity score (:func:`mean_token_similarity`): the
+       patches least correlated with the rest of the image, LOST's
+       low-degree criterion (a patch's degree in the cosine graph is
+       proportional to its similarity score).
+    4. When one side is empty every patch is labelled 1.
+
+    Args:
+        features: ``(B, N, D)`` token features (no ``[CLS]``).
+        assignments: ``(B, N)`` cluster ids in {0, 1}, e.g. :func:`bipartition`.
+        grid_size: ``(rows, cols)`` of the patch grid, ``rows * cols = N``.
+
+    Example:
+    >>> import numpy as np
+    >>> f = np.zeros((1, 16, 2), "float32"); f[..., 0] = 1.0
+    >>> inner = [5, 6, 9, 10]; f[0, inner] = [0.0, 1.0]         # a 2x2 object in a 4x4 image
+    >>> a = np.zeros((1, 16), "int32"); a[0, [i for i in range(16) if i not in inner]] = 1  # object labelled 0
+    >>> np.flatnonzero(np.asarray(main_object(f, a, (4, 4)))[0]).tolist()
+    [5, 6, 9, 10]
+    """
+    f = _check_features(features)
+    a = ops.cast(ops.convert_to_tensor(assignments), "float32")
+    if len(a.shape) != 2:
+        raise ValueError(f"assignments must have shape (batch, tokens), got {tuple(a.shape)}.")
+    rows, cols = (int(grid_size), int(grid_size)) if isinstance(grid_size, int) else map(int, grid_size)
+    n = f.shape[1]
+    if n is not None and rows * cols != n:
+        raise ValueError(f"grid_size {(rows, cols)} has {rows * cols} patches but the features have {n} tokens.")
+    ring = border_patches((rows, cols))[None]
+    ring1 = ops.sum(ring * a, axis=1)
+    ring0 = ops.sum(ring * (1.0 - a), axis=1)
+    score = mean_token_similarity(f)
+    score1 = _masked_mean(score, a, axis=1)
+    score0 = _masked_mean(score, 1.0 - a, axis=1)
+    count1 = ops.sum(a, axis=1)
+    count0 = ops.sum(1.0 - a, axis=1)
+    # share0 < share1 as ring0 / count0 < ring1 / count1, cross-multiplied: exact integers in float32
+    left, right = ring0 * count1, ring1 * count0
+    zero_is_object = ops.where(ops.equal(left, right), ops.less(score0, score1), ops.less(left, right))
+    swap = ops.logical_and(zero_is_object, ops.logical_and(ops.greater(count0, 0.0), ops.greater(count1, 0.0)))
+    swap = ops.logical_or(swap, ops.equal(count1, 0.0))
+    return ops.cast(ops.where(ops.expand_dims(swap, -1), 1.0 - a, a), "int32")
+
+
+def object_scores(features, objects):
+    """The similarity score taken against the **object's** mean patch,
+    ``(B, N)`` float32 in [-1, 1]: ``cos(f_i, mean of the l2-normalised
+    f_j with objects_j == 1)``. Higher means more object-like; informed
+    masking masks in this order inside each side of the split, and
+    similarity hints are drawn with weights ``(1 + score) / 2``.
+
+    The paper's similarity score compares each patch with the mean patch of
+    the **whole image** (:func:`mean_token_similarity`). That mean is pulled
+    towards whichever side is larger or more uniform, so it does not tell
+    object from background by itself (on Fashion-MNIST the blank background
+    sits nearest to it); the mean patch of the side found to be the object
+    keeps the score's form and points at the object. With no object patch
+    (an empty side) the whole image's mean patch is used.
+
+    Example:
+    >>> import numpy as np
+    >>> f = np.array([[[1.0, 0.0]] * 3 + [[0.6, 0.8]]], "float32")   # the odd patch out is the object
+    >>> [round(float(v), 2) for v in np.asarray(object_scores(f, np.array([[0, 0, 0, 1]])))[0]]
+    [0.6, 0.6, 0.6, 1.0]
+    """
+    f = l2_normalize(features)
+    o = ops.cast(ops.convert_to_tensor(objects), "float32")
+    if len(o.shape) != 2:
+        raise ValueError(f"objects must have shape (batch, tokens), got {tuple(o.shape)}.")
+    weights = ops.where(ops.greater(ops.sum(o, axis=1, keepdims=True), 0.0), o, ops.ones_like(o))
+    center = ops.sum(f * ops.expand_dims(weights, -1), axis=1, keepdims=True)
+    center = center / (ops.sqrt(ops.sum(ops.square(center), axis=-1, keepdims=True)) + EPSILON)
+    return ops.sum(f * center, axis=-1)
 
 
 def feature_variance(features):

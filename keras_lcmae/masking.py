@@ -11,10 +11,12 @@ is removed. Passing the same ``noise`` as another implementation gives the
 same mask.
 """
 
+import math
+
 import keras
 from keras import ops
 
-from keras_lcmae.clustering import bipartition
+from keras_lcmae.clustering import bipartition, main_object, object_scores
 from keras_lcmae.distribute import replica_uniform
 from keras_lcmae.ops import identity_ids, take_tokens
 
@@ -120,7 +122,35 @@ def _ranks(values):
     return ops.cast(ops.argsort(ops.argsort(values, axis=1), axis=1), "int32")
 
 
-def informed_noise(assignments, mask_ratio, hint_ratio=0.05, noise=None, seed=None):
+HINT_STRATEGIES = ("random", "similarity")
+# SelfGuidedMasking(informed_start_epoch=None): informed masks from this fraction of the run on
+# (the cluster gap of a small MAE run reaches 90 % of its peak by then, docs/self_guided.md)
+AUTO_START_FRACTION = 0.25
+SCORE_JITTER = 1e-6  # u * this breaks exact ties of the scores at random
+
+
+def check_hint_strategy(hint_strategy):
+    """``hint_strategy`` checked against :data:`HINT_STRATEGIES`."""
+    if hint_strategy not in HINT_STRATEGIES:
+        raise ValueError(f"hint_strategy must be one of {HINT_STRATEGIES}, got {hint_strategy!r}.")
+    return hint_strategy
+
+
+def hint_keys(scores, u):
+    """Keys of the weighted draw of similarity hints, ``(B, N)``: the hints
+    are the ``H`` cluster patches with the **largest** ``log(u) / w``, with
+    ``w = clip((1 + score) / 2, 1e-3, 1)``. This is the Efraimidis-Spirakis
+    draw (keys ``u ** (1 / w)``): ``H`` patches without replacement, each
+    next one with probability proportional to its weight ``w`` among those
+    left, so a patch twice as object-like is about twice as likely a hint."""
+    w = ops.clip((1.0 + ops.cast(scores, "float32")) * 0.5, 1e-3, 1.0)
+    uu = ops.clip(ops.cast(u, "float32"), 1e-12, 1.0)
+    return ops.log(uu) / w
+
+
+def informed_noise(
+    assignments, mask_ratio, hint_ratio=0.05, noise=None, seed=None, scores=None, hint_strategy="random"
+):
     """Noise that makes :func:`random_masking` produce a self-guided informed
     mask (Self-guided MAE, Shin et al. 2024): the patches of cluster **1** in
     ``assignments`` are masked first.
@@ -129,29 +159,39 @@ def informed_noise(assignments, mask_ratio, hint_ratio=0.05, noise=None, seed=No
     masked, ``C`` the cluster's size in the image and
     ``H = min(round(hint_ratio * M), C, K)`` hints:
 
-    * ``H`` cluster patches, drawn at random, are **hints**: always visible;
-    * the other ``C - H`` cluster patches are masked first, in random order;
-      if they exceed ``M``, the excess stays visible at random; if they fall
-      short, the rest of the budget is filled with random non-cluster patches;
+    * ``H`` cluster patches are **hints**: always visible. ``hint_strategy
+      ="random"`` draws them uniformly (the ``H`` smallest ``u``);
+      ``"similarity"`` draws them with
+      probability proportional to ``(1 + scores) / 2`` (:func:`hint_keys`;
+      needs ``scores``);
+    * the other ``C - H`` cluster patches are masked first; if they exceed
+      ``M``, the rest stay visible; if they fall short, the rest of the
+      budget is filled with non-cluster patches;
+    * the order inside the cluster and inside the rest is the **descending**
+      ``scores`` (the most object-like first, :func:`keras_lcmae.clustering.
+      object_scores`; ties broken by ``u``), or random without ``scores``;
     * so every row has exactly ``K`` visible patches, ``min(M, C - H)`` masked
-      cluster patches and ``max(H, C - M)`` visible cluster patches (hints only
-      make a difference when the cluster would otherwise be (almost) fully
-      masked; the cap ``K`` keeps the count exact when the cluster is huge).
+      cluster patches and ``max(H, C - M)`` visible cluster patches.
 
-    The noise is built from one uniform draw ``u`` per patch as
-    ``level + rank(u) / N`` with level 0 for hints, 1 for non-cluster patches
-    and 2 for the other cluster patches: sorting it keeps the hints first and
-    the cluster last, and ``u`` orders patches within each level. No
-    data-dependent Python control flow: it compiles on every backend.
+    The noise is ``level + rank / N`` with level 0 for hints, 1 for
+    non-cluster patches and 2 for the other cluster patches, and ``rank`` the
+    ascending rank of ``scores + 1e-6 u`` (of ``u`` without scores): sorting
+    it keeps the hints first and the cluster last. ``u`` is one uniform draw
+    per patch. No data-dependent Python control flow: it compiles on every
+    backend.
 
     Args:
-        assignments: ``(B, N)`` cluster ids in {0, 1} (e.g.
-            :func:`keras_lcmae.clustering.bipartition`); 1 = mask first.
+        assignments: ``(B, N)`` cluster ids in {0, 1}; 1 = mask first (e.g.
+            :func:`keras_lcmae.clustering.main_object`).
         mask_ratio: fraction of patches removed, in (0, 1).
         hint_ratio: fraction of the masked budget ``M`` given back as visible
             hint patches of the cluster, in [0, 1).
-        noise: optional ``(B, N)`` uniform noise ``u``; drawn when omitted.
+        noise: optional ``(B, N)`` uniform noise ``u`` in [0, 1); drawn when
+            omitted.
         seed: int or ``keras.random.SeedGenerator`` to draw ``u``.
+        scores: optional ``(B, N)`` masking priority (higher = masked
+            earlier), e.g. :func:`keras_lcmae.clustering.object_scores`.
+        hint_strategy: ``"random"`` or ``"similarity"`` (see above).
 
     Returns:
         ``(B, N)`` float32 noise in ``[0, 3)``.
@@ -166,23 +206,39 @@ def informed_noise(assignments, mask_ratio, hint_ratio=0.05, noise=None, seed=No
     n = assignments.shape[1]
     keep = num_visible(n, mask_ratio)
     hints = num_hints(n, mask_ratio, hint_ratio)
+    check_hint_strategy(hint_strategy)
+    if hint_strategy == "similarity" and scores is None:
+        raise ValueError('hint_strategy="similarity" draws hints by their similarity scores: pass `scores`.')
     assignments = ops.convert_to_tensor(assignments)
     if noise is None:
         noise = replica_uniform(ops.shape(assignments)[:2], seed)
     elif tuple(noise.shape[1:]) != (n,):
         raise ValueError(f"noise must have shape (batch, {n}) to match the assignments, got {tuple(noise.shape)}.")
+    noise = ops.cast(noise, "float32")
     in_cluster = ops.cast(ops.equal(ops.cast(assignments, "int32"), 1), "float32")
-    u = ops.cast(_ranks(noise), "float32") / float(n)  # in [0, 1), ties broken, any input scale
-    # rank of each cluster patch among the cluster (non-cluster patches sort after)
-    cluster_rank = _ranks(u + 2.0 * (1.0 - in_cluster))
+    if scores is None:
+        order = ops.cast(_ranks(noise), "float32") / float(n)  # in [0, 1), ties broken, any input scale
+    else:
+        scores = ops.cast(ops.convert_to_tensor(scores), "float32")
+        if tuple(scores.shape[1:]) != (n,):
+            raise ValueError(
+                f"scores must have shape (batch, {n}) to match the assignments, got {tuple(scores.shape)}."
+            )
+        order = ops.cast(_ranks(scores + SCORE_JITTER * noise), "float32") / float(n)
+    # hints: the H cluster patches with the largest key (random: the smallest u)
+    key = hint_keys(scores, noise) if hint_strategy == "similarity" else -noise
+    # rank of each cluster patch among the cluster by descending key (non-cluster patches sort after)
+    cluster_rank = _ranks(ops.where(in_cluster > 0.5, -key, ops.max(ops.abs(key)) * 2.0 + 1.0))
     size = ops.cast(ops.sum(in_cluster, axis=1, keepdims=True), "int32")
     h = ops.minimum(ops.minimum(size, keep), hints)
     hint = ops.logical_and(ops.greater(in_cluster, 0.5), ops.less(cluster_rank, h))
     level = ops.where(hint, 0.0, 1.0 + in_cluster)
-    return level + u
+    return level + order
 
 
-def informed_masking(x, mask_ratio, assignments, hint_ratio=0.05, noise=None, seed=None):
+def informed_masking(
+    x, mask_ratio, assignments, hint_ratio=0.05, noise=None, seed=None, scores=None, hint_strategy="random"
+):
     """Self-guided informed masking: :func:`random_masking` with the noise of
     :func:`informed_noise`, so ``ids_restore``/``ids_keep``/``mask`` keep the
     official semantics and exactly ``int(N * (1 - mask_ratio))`` patches stay
@@ -196,7 +252,9 @@ def informed_masking(x, mask_ratio, assignments, hint_ratio=0.05, noise=None, se
     >>> float(np.asarray(out["mask"])[:, :6].min())
     1.0
     """
-    noise = informed_noise(assignments, mask_ratio, hint_ratio, noise=noise, seed=seed)
+    noise = informed_noise(
+        assignments, mask_ratio, hint_ratio, noise=noise, seed=seed, scores=scores, hint_strategy=hint_strategy
+    )
     return random_masking(x, mask_ratio, noise=noise)
 
 
@@ -251,19 +309,29 @@ class RandomMasking:
 class SelfGuidedMasking(RandomMasking):
     """Self-guided informed masking (Self-guided MAE, Shin et al. 2024).
 
-    From ``informed_start_epoch`` on, each image's patches are bi-partitioned
-    (:func:`keras_lcmae.clustering.bipartition`) on the model's own features of
-    **all** patches, and cluster 1 is masked first, with ``hint_ratio`` of the
-    masked budget given back as visible hints (:func:`informed_noise`).
-    Explicit ``noise`` always gives official random masking.
+    Once informed masking has started, each image's patches are split in two
+    (:func:`keras_lcmae.clustering.bipartition`) on the model's own features
+    of **all** patches, the side that is the main object is found by the
+    boundary prior (:func:`keras_lcmae.clustering.main_object`) and masked
+    first, each side in the order of the similarity score to the object's
+    mean patch (:func:`keras_lcmae.clustering.object_scores`), with
+    ``hint_ratio`` of the masked budget given back as visible hints
+    (:func:`informed_noise`). Explicit ``noise`` always gives official random
+    masking.
 
     Args:
         informed_start_epoch: first epoch (0-based) with informed masks;
-            random masks before it. The switch is the model's non-trainable
-            variable ``informed_active``, which :meth:`build` creates and
-            :class:`keras_lcmae.callbacks.InformedMaskingSchedule` sets at each
-            epoch start (without that callback it keeps its initial value:
-            1 iff ``informed_start_epoch == 0``).
+            random masks before it. ``None`` (the default) waits for the
+            patch clustering to form: :class:`keras_lcmae.callbacks.
+            InformedMaskingSchedule` then starts at
+            ``ceil(AUTO_START_FRACTION * epochs)`` of the ``fit`` call (the
+            fraction of training after which the cluster gap of a small MAE
+            run has reached 90 % of its peak, see ``docs/self_guided.md``).
+            The switch is the model's non-trainable variable
+            ``informed_active``, which :meth:`build` creates and the callback
+            sets at each epoch start; ``MAE.fit`` / ``LCMAE.fit`` add the
+            callback when it is missing (a custom loop without it keeps the
+            initial value: 1 iff ``informed_start_epoch == 0``).
         hint_ratio: fraction of the masked patches given back as hints, in [0, 1).
         guide_layer: features guiding the partition: an encoder block index
             (``-1``, the default, is the last block; its output before the
@@ -273,10 +341,14 @@ class SelfGuidedMasking(RandomMasking):
             (encoder up to that block, or encoder + decoder) per step with no
             backward, about ``1/(1 - mask_ratio)`` times the cost of the
             visible-token encoder pass.
+        hint_strategy: ``"similarity"`` (default: hints drawn with weights
+            growing with their similarity score to the object) or
+            ``"random"`` (uniform among the object's patches), the two
+            strategies of the paper's ablation.
 
-    For LC-MAE (``views=2``) the partition is computed once per image and both
-    views mask the **same** cluster first, with independent noise (their
-    hints, the order inside each level and so the masks differ).
+    For LC-MAE (``views=2``) the partition and the scores are computed once
+    per image; both views mask the same patches in the same order and differ
+    by their hints and by the ties broken at random.
 
     A strategy instance belongs to the one model it was built with.
 
@@ -287,24 +359,41 @@ class SelfGuidedMasking(RandomMasking):
     >>> float(ops.convert_to_numpy(mae.informed_active))   # random masks until epoch 1
     0.0
     >>> mae.masking
-    SelfGuidedMasking(informed_start_epoch=1, hint_ratio=0.05, guide_layer=0)
+    SelfGuidedMasking(informed_start_epoch=1, hint_ratio=0.05, guide_layer=0, hint_strategy='similarity')
     """
 
     name = "self_guided"
 
-    def __init__(self, informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1):
-        if not _is_whole(informed_start_epoch) or informed_start_epoch < 0:
+    def __init__(self, informed_start_epoch=None, hint_ratio=0.05, guide_layer=-1, hint_strategy="similarity"):
+        if informed_start_epoch is not None and (not _is_whole(informed_start_epoch) or informed_start_epoch < 0):
             raise ValueError(
-                f"informed_start_epoch must be an integer >= 0 (the first epoch with informed masks), "
-                f"got {informed_start_epoch!r}."
+                f"informed_start_epoch must be an integer >= 0 (the first epoch with informed masks) or None "
+                f"(start once the clustering has formed), got {informed_start_epoch!r}."
             )
         if guide_layer != "decoder" and (isinstance(guide_layer, bool) or not isinstance(guide_layer, int)):
             raise ValueError(f"guide_layer must be an encoder block index or 'decoder', got {guide_layer!r}.")
-        self.informed_start_epoch = int(informed_start_epoch)
+        self.informed_start_epoch = None if informed_start_epoch is None else int(informed_start_epoch)
         self.hint_ratio = check_hint_ratio(hint_ratio)
         self.guide_layer = guide_layer
+        self.hint_strategy = check_hint_strategy(hint_strategy)
         self.informed_active = None
         self._model = None
+
+    def start_epoch(self, epochs=None):
+        """The first epoch with informed masks: ``informed_start_epoch``, or
+        for ``None`` ``ceil(AUTO_START_FRACTION * epochs)`` (``epochs``: the
+        length of the run; without it, no informed mask is planned and this
+        returns ``None``).
+
+        Example:
+        >>> SelfGuidedMasking().start_epoch(100), SelfGuidedMasking(informed_start_epoch=3).start_epoch(100)
+        (25, 3)
+        """
+        if self.informed_start_epoch is not None:
+            return self.informed_start_epoch
+        if epochs is None:
+            return None
+        return int(math.ceil(AUTO_START_FRACTION * int(epochs) - 1e-9))
 
     def build(self, model):
         """Checks the arguments against ``model``'s geometry and creates the
@@ -344,6 +433,15 @@ class SelfGuidedMasking(RandomMasking):
             features = out["intermediates"][0][:, 1:]
         return ops.stop_gradient(features)
 
+    def plan(self, model, tokens):
+        """``(objects, scores)`` for tokens ``(B, N, D)`` from
+        ``encoder.embed``: the main object of the split of the guide features
+        (1 = object, masked first) and the object-oriented similarity scores
+        (the masking order), both ``(B, N)``."""
+        features = self.guide_features(model, tokens)
+        objects = main_object(features, bipartition(features), model.encoder.grid_size)
+        return objects, ops.stop_gradient(object_scores(features, objects))
+
     def __call__(self, model, x, noise=None, guide_tokens=None, views=1):
         """Informed masking of tokens ``x`` ``(B, N, D)``, blended by
         ``informed_active`` (0: exactly the random mask of the same draw; 1:
@@ -354,10 +452,13 @@ class SelfGuidedMasking(RandomMasking):
         if noise is not None:
             return random_masking(x, model.mask_ratio, noise=noise)
         u = replica_uniform(ops.shape(x)[:2], model.seed_generator)
-        assignments = bipartition(self.guide_features(model, x if guide_tokens is None else guide_tokens))
+        objects, scores = self.plan(model, x if guide_tokens is None else guide_tokens)
         if views > 1:
-            assignments = ops.concatenate([assignments] * views, axis=0)
-        informed = informed_noise(assignments, model.mask_ratio, self.hint_ratio, noise=u)
+            objects = ops.concatenate([objects] * views, axis=0)
+            scores = ops.concatenate([scores] * views, axis=0)
+        informed = informed_noise(
+            objects, model.mask_ratio, self.hint_ratio, noise=u, scores=scores, hint_strategy=self.hint_strategy
+        )
         active = ops.greater(ops.convert_to_tensor(self.informed_active), 0.5)
         return random_masking(x, model.mask_ratio, noise=ops.where(active, informed, u))
 
@@ -366,7 +467,14 @@ class SelfGuidedMasking(RandomMasking):
             "informed_start_epoch": self.informed_start_epoch,
             "hint_ratio": self.hint_ratio,
             "guide_layer": self.guide_layer,
+            "hint_strategy": self.hint_strategy,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.setdefault("hint_strategy", "random")  # saved before hint strategies: random hints
+        return cls(**config)
 
 
 STRATEGIES = {"random": RandomMasking, "self_guided": SelfGuidedMasking}
@@ -378,7 +486,7 @@ def get_masking(masking):
 
     Example:
     >>> get_masking("self_guided")
-    SelfGuidedMasking(informed_start_epoch=0, hint_ratio=0.05, guide_layer=-1)
+    SelfGuidedMasking(informed_start_epoch=None, hint_ratio=0.05, guide_layer=-1, hint_strategy='similarity')
     """
     if isinstance(masking, RandomMasking):
         return masking

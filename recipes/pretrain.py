@@ -91,7 +91,11 @@ flags.DEFINE_enum(
     "random (official MAE) or self_guided (Self-guided MAE informed masks; MAE and LC-MAE).",
 )
 flags.DEFINE_integer(
-    "informed_start_epoch", 0, lower_bound=0, help="--masking=self_guided: first epoch (0-based) with informed masks."
+    "informed_start_epoch",
+    None,
+    lower_bound=0,
+    help="--masking=self_guided: first epoch (0-based) with informed masks (default: once the patch clustering "
+    "has formed: a quarter of --epochs, rounded up; docs/self_guided.md).",
 )
 flags.DEFINE_float(
     "hint_ratio",
@@ -101,6 +105,12 @@ flags.DEFINE_float(
     help="--masking=self_guided: fraction of the masked patches given back as hints.",
 )
 flags.DEFINE_string("guide_layer", "-1", "--masking=self_guided: encoder block index (-1: last) or 'decoder'.")
+flags.DEFINE_enum(
+    "hint_strategy",
+    "similarity",
+    ["similarity", "random"],
+    "--masking=self_guided: hints drawn by their similarity score (weights (1 + score) / 2) or uniformly.",
+)
 common.define_run_flags(
     dict(batch_size=4096, epochs=400, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, output_dir="runs/pretrain")
 )
@@ -260,6 +270,7 @@ def build_model(channels):
             informed_start_epoch=FLAGS.informed_start_epoch,
             hint_ratio=FLAGS.hint_ratio,
             guide_layer=parse_guide_layer(FLAGS.guide_layer),
+            hint_strategy=FLAGS.hint_strategy,
         )
     shared = dict(mask_ratio=FLAGS.mask_ratio, norm_pix_loss=FLAGS.norm_pix_loss, seed=FLAGS.seed, masking=masking)
     if FLAGS.method == "mae":
@@ -332,9 +343,11 @@ def validate_masking_flags():
         num_hints(grid[0] * grid[1], FLAGS.mask_ratio, FLAGS.hint_ratio)
     except ValueError as e:
         raise app.UsageError(f"--hint_ratio: {e}") from None
-    if FLAGS.informed_start_epoch < 0:
+    if FLAGS.informed_start_epoch is None:
+        pass
+    elif FLAGS.informed_start_epoch < 0:
         raise app.UsageError(f"--informed_start_epoch must be >= 0, got {FLAGS.informed_start_epoch}.")
-    if FLAGS.informed_start_epoch >= FLAGS.epochs:
+    elif FLAGS.informed_start_epoch >= FLAGS.epochs:
         raise app.UsageError(
             f"--informed_start_epoch={FLAGS.informed_start_epoch} is not below --epochs={FLAGS.epochs}: informed "
             "masks would never be used; lower it or use --masking=random."

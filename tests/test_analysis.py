@@ -4,6 +4,7 @@ tools/mask_ratio_sweep.py."""
 import csv
 import importlib.util
 import os
+import shutil
 import sys
 
 import keras
@@ -141,6 +142,67 @@ def test_semantic_similarity():
     assert mm.min() == pytest.approx(0.0) and mm.max() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="resample"):
         semantic_similarity(f, g[:, :4])
+
+
+def test_token_relation_kl_is_zero_for_identical_attention_and_matches_the_formula():
+    from keras_lcmae.analysis import token_relation_kl
+
+    rng = np.random.default_rng(0)
+    a = rng.dirichlet(np.ones(6), size=(2, 3, 6))
+    assert token_relation_kl(a, a) == 0.0
+    # two patch tokens after [CLS]: reference rows (0.5, 0.5), checkpoint rows (0.9, 0.1) once [CLS] is dropped
+    ref = np.zeros((1, 1, 3, 3))
+    ref[0, 0, :, 0] = 0.2  # [CLS] column: removed and the rows renormalised
+    ref[0, 0, :, 1:] = 0.4
+    cur = np.zeros((1, 1, 3, 3))
+    cur[0, 0, :, 1:] = [0.9, 0.1]
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+    assert token_relation_kl(cur, ref) == pytest.approx(expected, rel=1e-9)
+    assert token_relation_kl(cur, ref, per_head=True).shape == (1,)
+    with pytest.raises(ValueError, match="same shape"):
+        token_relation_kl(a, a[:, :2])
+
+
+def test_exploitation_rates_of_a_constructed_attention():
+    from keras_lcmae.analysis import exploitation_rates
+
+    # [CLS] + 4 patches; patches 0 and 3 are masked. Masked queries put 0.3 on the visible
+    # patches and 0.7 on the mask tokens (and 0.5 on [CLS], removed); visible queries do not count.
+    a = np.zeros((2, 2, 5, 5))
+    for q in (1, 4):
+        a[:, :, q, 0] = 0.5
+        a[:, :, q, [2, 3]] = 0.15
+        a[:, :, q, [1, 4]] = 0.35
+    a[:, :, [0, 2, 3], 1] = 1.0
+    mask = np.array([[1, 0, 0, 1]] * 2)
+    r = exploitation_rates(a, mask)
+    assert r["visible"] == pytest.approx(0.3) and r["mask"] == pytest.approx(0.7)
+    assert r["visible_per_token"] == pytest.approx(0.6) and r["mask_per_token"] == pytest.approx(1.4)
+    uniform = exploitation_rates(np.full((1, 1, 5, 5), 0.2), np.array([[1, 1, 1, 0]]))
+    assert uniform["mask_per_token"] == pytest.approx(1.0) and uniform["visible_per_token"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="both masked and visible"):
+        exploitation_rates(a, np.ones((2, 4)))
+
+
+def test_attention_nmi_of_constructed_attention():
+    from keras_lcmae.analysis import attention_nmi
+
+    k = 4
+    eye = np.zeros((1, 1, k + 1, k + 1))
+    eye[0, 0, np.arange(k + 1), np.arange(k + 1)] = 1
+    assert attention_nmi(eye) == pytest.approx(1.0)
+    assert attention_nmi(np.full((1, 1, k + 1, k + 1), 1 / (k + 1))) == pytest.approx(0.0, abs=1e-12)
+    # two groups of two patches, each query uniform over its own group: I = log 2, H(Q) = H(K) = log 4
+    block = np.zeros((1, 1, k + 1, k + 1))
+    block[0, 0, 0, 1:] = 0.25
+    block[0, 0, 1:3, 1:3] = 0.5
+    block[0, 0, 3:5, 3:5] = 0.5
+    assert attention_nmi(block) == pytest.approx(np.log(2) / np.log(4))
+    # every query on one key: H(K) = 0, NMI 0
+    one = np.zeros((1, 1, k + 1, k + 1))
+    one[0, 0, :, 2] = 1
+    assert attention_nmi(one) == 0.0
+    assert attention_nmi(np.concatenate([eye, block], axis=1), per_head=True) == pytest.approx([1.0, 0.5])
 
 
 def test_resize_token_grid_nearest():
@@ -338,9 +400,10 @@ def test_analyze_every_subcommand(checkpoints, tmp_path):
     assert len(rows) == 2 * 2 * 2  # 2 query positions x 2 images x 2 layers
     assert all(0 <= float(r["cls_weight"]) <= 1 and 0 <= float(r["distance_px"]) <= diagonal for r in rows)
 
-    analyze.main(["reconstruction", *common, "--rows=3"])
-    rows = _read(os.path.join(out, "reconstruction.csv"))
-    assert len(rows) == 3 and all(
+    result = analyze.main(["reconstruction", *common, "--rows=3"])
+    rows = _read(os.path.join(out, "reconstruction.csv"))  # every analysed image; the picture shows --rows
+    assert result["summary"]["masked_mse"] == pytest.approx(np.mean([float(r["masked_mse"]) for r in rows]), rel=1e-4)
+    assert len(rows) == 6 and all(
         float(r["masked_fraction"]) == 0.75 and np.isfinite(float(r["masked_mse"])) for r in rows
     )
 
@@ -362,6 +425,38 @@ def test_analyze_every_subcommand(checkpoints, tmp_path):
         "clusters_curves",
     ):
         _check_png(os.path.join(out, f"{name}.png"))
+
+    # Self-guided MAE's analyses: a folder of checkpoints, identical ones give KL 0
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for epoch in (1, 2):
+        shutil.copyfile(checkpoints["mae"], folder / f"epoch_{epoch:03d}.keras")
+    analyze.main(["early-clustering", *common, f"--checkpoint={folder}"])
+    rows = _read(os.path.join(out, "early_clustering.csv"))
+    assert [(int(r["epoch"]), int(r["layer"])) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(float(r["token_kl"]) == 0 and -2 <= float(r["cluster_gap"]) <= 2 for r in rows)
+    analyze.main(["exploitation-rate", *common, f"--checkpoint={folder}"])
+    rows = _read(os.path.join(out, "exploitation_rate.csv"))
+    assert len(rows) == 4 and all(float(r["visible"]) + float(r["mask"]) == pytest.approx(1.0, abs=1e-5) for r in rows)
+    analyze.main(["token-relation-kl", *common, f"--final={checkpoints['mae']}"])
+    rows = _read(os.path.join(out, "token_relation_kl.csv"))
+    assert [r["part"] for r in rows] == ["encoder", "encoder", "decoder", "decoder"]
+    assert all(float(r["token_kl"]) == 0 for r in rows)
+    untrained = str(tmp_path / "untrained.keras")
+    tiny_mae(channels=1).save(untrained)
+    analyze.main(["token-relation-kl", *common, f"--final={untrained}"])
+    assert all(float(r["token_kl"]) > 0 for r in _read(os.path.join(out, "token_relation_kl.csv")))
+    analyze.main(["attention-nmi", *common])
+    rows = _read(os.path.join(out, "attention_nmi.csv"))
+    assert len(rows) == 4 and all(0 <= float(r["nmi"]) <= 1 for r in rows)
+    result = analyze.main(["informed-masks", *common, "--rows=2"])
+    rows = _read(os.path.join(out, "informed_masks.csv"))
+    assert len(rows) == 6 and all(int(r["masked"]) == 12 for r in rows)
+    assert 0 <= result["summary"]["foreground_share_informed"] <= 1
+    for name in ("early_clustering", "exploitation_rate", "token_relation_kl", "attention_nmi", "informed_masks"):
+        _check_png(os.path.join(out, f"{name}.png"))
+    with pytest.raises(SystemExit):
+        analyze.main(["attention-nmi", f"--checkpoint={folder}", f"--output_dir={out}"])
 
     # an encoder.keras is enough for the encoder analyses
     enc_out = str(tmp_path / "enc")
@@ -471,3 +566,15 @@ def test_mask_ratio_sweep_tool(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.tf_only
+def test_export_photos_makes_a_folder_the_tools_read(tmp_path):
+    from keras_lcmae.analysis import inputs
+
+    export_photos = _load_tool("export_photos")
+    n = export_photos.main([f"--output_dir={tmp_path / 'photos'}", "--crops=1"])
+    assert n == 2 * len(export_photos.PHOTOS)
+    assert sorted(os.listdir(tmp_path / "photos")) == sorted(export_photos.PHOTOS)
+    images, _, _ = inputs.load_images(str(tmp_path / "photos"), 64, 3, 5, seed=0)
+    assert images.shape == (5, 64, 64, 3) and np.isfinite(images).all()

@@ -160,13 +160,48 @@ def _fake_recipes(monkeypatch):
         rng = random.Random(hashlib.sha1(" ".join(cmd[2:]).encode()).hexdigest())
         if script == "recipes/pretrain.py":
             os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-            for name in ("encoder.keras", f"checkpoints/epoch_{int(args['epochs']):03d}.keras"):
+            epochs, every = int(args["epochs"]), int(args.get("save_every", 1))
+            saved = sorted({*range(every, epochs + 1, every), epochs})
+            for name in ("encoder.keras", *(f"checkpoints/epoch_{e:03d}.keras" for e in saved)):
                 open(os.path.join(out, name), "w").close()
             collapsed = args.get("loss_weights") == "c"
             result = {"loss": rng.random(), "v_std": 0.001 if collapsed else 0.1 + 0.01 * rng.random()}
         elif script == "tools/analyze.py":
             command = cmd[2]
+            checkpoint = args["checkpoint"]
+            epochs = (
+                sorted(int(n[6:9]) for n in os.listdir(checkpoint) if n.startswith("epoch_"))
+                if os.path.isdir(checkpoint)
+                else [1]
+            )
+            summary = {
+                "reconstruction": {"masked_mse": 0.3 + 0.01 * rng.random()},
+                "informed-masks": {
+                    "found_object_share_informed": 0.6 + 0.01 * rng.random(),
+                    "found_object_share_random": 0.5,
+                    "foreground_share_informed": 0.65 + 0.01 * rng.random(),
+                    "foreground_share_random": 0.53,
+                },
+            }.get(command)
             rows = {
+                "early-clustering": (
+                    "epoch,part,layer,feature_variance,similarity_variance,cluster_gap,token_kl",
+                    [
+                        f"{e},encoder,{i},0.01,0.1,{0.1 * e + rng.random() / 100},{1 / e - 1 / epochs[-1]}"
+                        for e in epochs
+                        for i in (1, 2)
+                    ],
+                ),
+                "exploitation-rate": (
+                    "epoch,part,layer,visible,mask,visible_per_token,mask_per_token",
+                    [f"{e},decoder,{i},0.3,0.7,1.2,0.93" for e in epochs for i in (1, 2)],
+                ),
+                "attention-nmi": (
+                    "part,layer,nmi",
+                    [f"{p},{i},{0.05 + 0.01 * rng.random()}" for p in ("encoder", "decoder") for i in (1, 2)],
+                ),
+                "reconstruction": ("image,masked_fraction,masked_mse", ["0,0.75,0.3"]),
+                "informed-masks": ("image,object_patches", ["0,20"]),
                 "attention-similarity": (
                     "layer,s_attn",
                     [f"{i},{0.9 - 0.1 * i + 0.01 * rng.random()}" for i in (1, 2, 3)],
@@ -186,7 +221,7 @@ def _fake_recipes(monkeypatch):
                 f.write("\n".join([rows[0], *rows[1]]) + "\n")
             with open(os.path.join(out, f"{name}.png"), "wb") as f:
                 f.write(bytes(rng.randrange(256) for _ in range(2000)))
-            result = {"command": command}
+            result = {"command": command, **({"summary": summary} if summary else {})}
         else:
             open(os.path.join(out, "best.keras"), "w").close()
             result = {"top1": 0.7 + 0.05 * rng.random()}

@@ -9,13 +9,23 @@ Each subcommand writes ``<output_dir>/<name>.csv`` and ``<name>.png``:
     attention-maps        input | masked | attention of masked queries per decoder layer (Fig. 4/B.1)
     reconstruction        input | masked | reconstruction (model.reconstruct)
     clusters              sigma_F, sigma_s, intra-inter gap per layer + bipartition maps (Self-guided MAE)
+    early-clustering      mu_intra - mu_inter and token-relation KL to the last checkpoint, per encoder
+                          layer over a run's checkpoints (Self-guided MAE Fig. 3)
+    token-relation-kl     KL of token relations (attention) of --checkpoint against --final, per layer
+    exploitation-rate     decoder exploitation rates of visible vs mask tokens per layer (Self-guided MAE
+                          Fig. 4); a checkpoints folder gives one row per epoch
+    attention-nmi         NMI of query and key positions per encoder/decoder layer (Self-guided MAE Fig. 6)
+    informed-masks        input | random mask | informed mask with the object found (Self-guided MAE Fig. 5)
 
     python tools/analyze.py attention-distance --checkpoint=runs/demo_cpu/pretrain/checkpoints/epoch_006.keras \
         --data=fashion_mnist --num_images=64 --output_dir=runs/analysis
 
 ``--checkpoint`` is a whole MAE / LC-MAE ``.keras`` model (the recipe's
 ``checkpoints/epoch_NNN.keras``) or an ``encoder.keras``; with an encoder only
-``attention-distance`` (encoder part) and ``clusters`` (encoder layers) apply.
+``attention-distance`` (encoder part), ``clusters``, ``attention-nmi`` and
+``token-relation-kl`` (encoder layers) apply. ``early-clustering`` and
+``exploitation-rate`` also take a run's ``checkpoints/`` folder (every
+``epoch_NNN.keras`` in it, in order).
 """
 
 import csv
@@ -33,7 +43,16 @@ import cli  # tools/cli.py, importable once tools/ is on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-DECODER_ONLY = ("attention-similarity", "semantic-similarity", "attention-maps", "reconstruction")
+DECODER_ONLY = (
+    "attention-similarity",
+    "semantic-similarity",
+    "attention-maps",
+    "reconstruction",
+    "exploitation-rate",
+    "informed-masks",
+)
+OVER_CHECKPOINTS = ("early-clustering", "exploitation-rate")
+FOREGROUND_THRESHOLD = 0.1  # Fashion-MNIST: a patch with a pixel above 10 % of white is part of the object
 
 
 class UsageError(ValueError):
@@ -79,6 +98,30 @@ def masked_ids(mask_row):
     return np.flatnonzero(np.asarray(mask_row) > 0.5)
 
 
+def checkpoint_files(path, folder_ok):
+    """``[(epoch or None, file)]``: the ``.keras`` file itself, or with
+    ``folder_ok`` every ``epoch_NNN.keras`` of a folder by epoch."""
+    if not os.path.isdir(path):
+        return [(epoch_of(path), path)]
+    if not folder_ok:
+        raise UsageError(f"--checkpoint {path!r} is a folder; this analysis takes one .keras file.")
+    files = sorted(
+        (epoch_of(name), os.path.join(path, name))
+        for name in os.listdir(path)
+        if name.endswith(".keras") and epoch_of(name) is not None
+    )
+    if not files:
+        raise UsageError(f"--checkpoint folder {path!r} holds no epoch_NNN.keras checkpoint.")
+    return files
+
+
+def epoch_of(path):
+    """``NNN`` of ``.../epoch_NNN.keras``, else ``None``."""
+    name = os.path.basename(str(path))
+    digits = name[len("epoch_") : -len(".keras")]
+    return int(digits) if name.startswith("epoch_") and name.endswith(".keras") and digits.isdigit() else None
+
+
 class Context:
     """Loaded model, images and output paths of one run."""
 
@@ -86,8 +129,9 @@ class Context:
         from keras_lcmae.analysis import inputs
 
         self.args = args
+        self.checkpoints = checkpoint_files(args.checkpoint, args.command in OVER_CHECKPOINTS)
         try:
-            self.model, self.kind = inputs.load_checkpoint(args.checkpoint)
+            self.model, self.kind = inputs.load_checkpoint(self.checkpoints[-1][1])
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         if args.command in DECODER_ONLY and self.kind != "mae":
@@ -364,8 +408,8 @@ def cmd_reconstruction(ctx):
 
     from keras_lcmae.analysis.plots import image_columns_figure
 
-    count = min(ctx.args.rows, len(ctx.images))
-    x = ctx.images[:count]
+    count = len(ctx.images)
+    x = ctx.images
     noise = random_noise(count, ctx.encoder.num_patches, ctx.args.seed)
     recon, mask = ctx.model.reconstruct(x, noise=noise)
     recon = np.asarray(keras.ops.convert_to_numpy(recon))
@@ -382,7 +426,13 @@ def cmd_reconstruction(ctx):
                 "masked_mse": float(np.mean((recon[i] - x[i])[m] ** 2)) if m.any() else 0.0,
             }
         )
-    image_columns_figure([pixels, masked, ctx.pixels(recon)], ["input", "masked", "reconstruction"], ctx.path(".png"))
+    shown = slice(0, min(ctx.args.rows, count))
+    image_columns_figure(
+        [pixels[shown], masked[shown], ctx.pixels(recon[shown])],
+        ["input", "masked", "reconstruction"],
+        ctx.path(".png"),
+    )
+    ctx.summary = {"masked_mse": float(np.mean([r["masked_mse"] for r in rows]))}
     return write_csv(ctx.path(".csv"), rows)
 
 
@@ -428,6 +478,212 @@ def cmd_clusters(ctx):
     return write_csv(ctx.path(".csv"), rows)
 
 
+def load_model(ctx, path, what="--checkpoint"):
+    """A checkpoint of the same geometry as ``ctx``'s, with its mask ratio."""
+    from keras_lcmae.analysis import inputs
+
+    try:
+        model, kind = inputs.load_checkpoint(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"{what}: {e}") from None
+    encoder = model if kind == "encoder" else model.encoder
+    if (encoder.grid_size, encoder.patch_size, encoder.num_channels) != (ctx.grid, ctx.p, ctx.encoder.num_channels):
+        raise UsageError(
+            f"{what} {path!r} has a {encoder.grid_size} grid of {encoder.patch_size}-px patches and "
+            f"{encoder.num_channels} channels; the analysed model has {ctx.grid}, {ctx.p} px, "
+            f"{ctx.encoder.num_channels}: compare checkpoints of one model."
+        )
+    if kind == "mae":
+        with_mask_ratio(model, ctx.args.mask_ratio)
+    return model, kind
+
+
+def layer_outputs(model, kind, images, noise, batch_size, decoder=True):
+    """Per layer, over all images: ``{("encoder", l): {"features", "attention"}}``
+    for the encoder on all patches, and the decoder layers under ``noise``
+    (with ``"mask"``) when ``decoder`` and the model has a Transformer decoder."""
+    from keras_lcmae.analysis import decoder_layers, encoder_layers
+
+    out = {}
+    for sl in batches(len(images), batch_size):
+        enc = encoder_layers(model, images[sl])
+        parts = [("encoder", enc["features"], enc["attention"], None)]
+        if decoder and kind == "mae" and _has_transformer_decoder(model):
+            dec = decoder_layers(model, images[sl], noise[sl])
+            parts.append(("decoder", dec["features"], dec["attention"], dec["mask"]))
+        for part, feats, attns, mask in parts:
+            for l, (f, a) in enumerate(zip(feats, attns)):
+                slot = out.setdefault((part, l + 1), {"features": [], "attention": [], "mask": []})
+                slot["features"].append(f)
+                slot["attention"].append(a)
+                if mask is not None:
+                    slot["mask"].append(mask)
+    return {k: {name: np.concatenate(v) if v else None for name, v in slot.items()} for k, slot in out.items()}
+
+
+def cmd_early_clustering(ctx):
+    from keras_lcmae.analysis import clustering_metrics, token_relation_kl
+    from keras_lcmae.analysis.plots import epoch_curves_figure
+
+    final = layer_outputs(ctx.model, ctx.kind, ctx.images, None, ctx.args.batch_size, decoder=False)
+    rows = []
+    for epoch, path in ctx.checkpoints:
+        model, kind = (ctx.model, ctx.kind) if path == ctx.checkpoints[-1][1] else load_model(ctx, path)
+        layers = (
+            final if model is ctx.model else layer_outputs(model, kind, ctx.images, None, ctx.args.batch_size, False)
+        )
+        for (part, layer), out in layers.items():
+            values, _ = clustering_metrics(out["features"])
+            kl = token_relation_kl(out["attention"], final[(part, layer)]["attention"])
+            rows.append({"epoch": epoch, "part": part, "layer": layer, **values, "token_kl": kl})
+    epoch_curves_figure(
+        rows,
+        {"cluster_gap": "$\\mu_{intra} - \\mu_{inter}$", "token_kl": "KL(last || epoch) of token relations"},
+        ctx.path(".png"),
+    )
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_token_relation_kl(ctx):
+    from keras_lcmae.analysis import token_relation_kl
+    from keras_lcmae.analysis.plots import attention_distance_figure
+
+    final, final_kind = load_model(ctx, ctx.args.final, "--final")
+    noise = random_noise(len(ctx.images), ctx.encoder.num_patches, ctx.args.seed)
+    both = ctx.kind == "mae" and final_kind == "mae"
+    mine = layer_outputs(ctx.model, ctx.kind, ctx.images, noise, ctx.args.batch_size, decoder=both)
+    theirs = layer_outputs(final, final_kind, ctx.images, noise, ctx.args.batch_size, decoder=both)
+    if set(mine) != set(theirs):
+        raise UsageError(
+            f"--checkpoint has layers {sorted(mine)} and --final {sorted(theirs)}: compare checkpoints of one model."
+        )
+    rows, parts = [], {}
+    for key in sorted(mine, key=lambda k: (k[0] != "encoder", k[1])):
+        per_head = token_relation_kl(mine[key]["attention"], theirs[key]["attention"], per_head=True)
+        rows.append({"part": key[0], "layer": key[1], "token_kl": float(per_head.mean())})
+        parts.setdefault(key[0], []).append(per_head)
+    attention_distance_figure(
+        {k: np.stack(v) for k, v in parts.items()}, ctx.path(".png"), title="KL(final || checkpoint)", ylabel="KL"
+    )
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_exploitation_rate(ctx):
+    from keras_lcmae.analysis import decoder_layers, exploitation_rates
+    from keras_lcmae.analysis.plots import epoch_curves_figure
+
+    ctx.decoder_check()
+    noise = random_noise(len(ctx.images), ctx.encoder.num_patches, ctx.args.seed)
+    rows = []
+    for epoch, path in ctx.checkpoints:
+        model = ctx.model if path == ctx.checkpoints[-1][1] else load_model(ctx, path)[0]
+        attn, masks = None, []
+        for sl in batches(len(ctx.images), ctx.args.batch_size):
+            dec = decoder_layers(model, ctx.images[sl], noise[sl])
+            attn = (
+                [a for a in dec["attention"]]
+                if attn is None
+                else [np.concatenate([x, a]) for x, a in zip(attn, dec["attention"])]
+            )
+            masks.append(dec["mask"])
+        mask = np.concatenate(masks)
+        for l, a in enumerate(attn):
+            rows.append({"epoch": epoch, "part": "decoder", "layer": l + 1, **exploitation_rates(a, mask)})
+    epoch_curves_figure(
+        rows,
+        {
+            "visible": "$R_{V \\to O}$ (visible)",
+            "mask": "$R_{M \\to O}$ (mask tokens)",
+            "mask_per_token": "mask tokens, per token (uniform = 1)",
+        },
+        ctx.path(".png"),
+    )
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_attention_nmi(ctx):
+    from keras_lcmae.analysis import attention_nmi
+    from keras_lcmae.analysis.plots import attention_distance_figure
+
+    noise = random_noise(len(ctx.images), ctx.encoder.num_patches, ctx.args.seed)
+    layers = layer_outputs(ctx.model, ctx.kind, ctx.images, noise, ctx.args.batch_size)
+    rows, parts = [], {}
+    for (part, layer), out in sorted(layers.items(), key=lambda kv: (kv[0][0] != "encoder", kv[0][1])):
+        per_head = attention_nmi(out["attention"], per_head=True)
+        rows.append({"part": part, "layer": layer, "nmi": float(per_head.mean())})
+        parts.setdefault(part, []).append(per_head)
+    attention_distance_figure(
+        {k: np.stack(v) for k, v in parts.items()}, ctx.path(".png"), title="Attention NMI", ylabel="NMI"
+    )
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def cmd_informed_masks(ctx):
+    import keras
+
+    from keras_lcmae.analysis.plots import informed_masks_figure
+    from keras_lcmae.masking import SelfGuidedMasking, informed_noise, random_masking
+
+    model = ctx.model
+    strategy = (
+        model.masking
+        if isinstance(model.masking, SelfGuidedMasking)
+        else SelfGuidedMasking(
+            guide_layer=ctx.args.guide_layer if ctx.args.guide_layer == "decoder" else int(ctx.args.guide_layer),
+            hint_ratio=ctx.args.hint_ratio,
+            hint_strategy=ctx.args.hint_strategy,
+        )
+    )
+    count = len(ctx.images)
+    x = ctx.images
+    tokens = model.encoder.embed(x)
+    objects, scores = strategy.plan(model, tokens)
+    u = random_noise(count, ctx.encoder.num_patches, ctx.args.seed)
+    rnd = keras.ops.convert_to_numpy(
+        random_masking(np.zeros((count, ctx.encoder.num_patches, 1), "float32"), model.mask_ratio, noise=u)["mask"]
+    )
+    noise = informed_noise(
+        objects, model.mask_ratio, strategy.hint_ratio, noise=u, scores=scores, hint_strategy=strategy.hint_strategy
+    )
+    inf = keras.ops.convert_to_numpy(
+        random_masking(np.zeros((count, ctx.encoder.num_patches, 1), "float32"), model.mask_ratio, noise=noise)["mask"]
+    )
+    objects = keras.ops.convert_to_numpy(objects)
+    pixels = ctx.pixels(x)
+    shown = min(ctx.args.rows, count)
+    informed_masks_figure(pixels[:shown], objects, rnd, inf, ctx.grid, ctx.p, ctx.path(".png"))
+    rows = [
+        {
+            "image": i,
+            "object_patches": int(objects[i].sum()),
+            "masked": int(inf[i].sum()),
+            "found_object_share_informed": float((objects[i] * inf[i]).sum() / inf[i].sum()),
+            "found_object_share_random": float((objects[i] * rnd[i]).sum() / rnd[i].sum()),
+        }
+        for i in range(count)
+    ]
+    if ctx.args.data == "fashion_mnist":
+        fg = foreground_patches(pixels, ctx.p)
+        for i, row in enumerate(rows):
+            row["foreground_patches"] = int(fg[i].sum())
+            row["foreground_share_informed"] = float((fg[i] * inf[i]).sum() / inf[i].sum())
+            row["foreground_share_random"] = float((fg[i] * rnd[i]).sum() / rnd[i].sum())
+    ctx.summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if "share" in k}
+    return write_csv(ctx.path(".csv"), rows)
+
+
+def foreground_patches(pixels, patch_size, threshold=FOREGROUND_THRESHOLD):
+    """``(B, N)`` 0/1: the patches holding any pixel brighter than
+    ``threshold`` (in [0, 1]) -- the object of a Fashion-MNIST image, whose
+    background is black."""
+    import keras
+
+    from keras_lcmae.ops import patchify
+
+    patches = keras.ops.convert_to_numpy(patchify(np.asarray(pixels, "float32"), patch_size))
+    return (patches.max(axis=-1) > threshold).astype("float32")
+
+
 COMMANDS = {
     "attention-distance": cmd_attention_distance,
     "attention-similarity": cmd_attention_similarity,
@@ -435,6 +691,11 @@ COMMANDS = {
     "attention-maps": cmd_attention_maps,
     "reconstruction": cmd_reconstruction,
     "clusters": cmd_clusters,
+    "early-clustering": cmd_early_clustering,
+    "token-relation-kl": cmd_token_relation_kl,
+    "exploitation-rate": cmd_exploitation_rate,
+    "attention-nmi": cmd_attention_nmi,
+    "informed-masks": cmd_informed_masks,
 }
 
 
@@ -520,6 +781,32 @@ def _clusters_flags(fv):
     )
 
 
+def _token_relation_kl_flags(fv):
+    flags.DEFINE_string(
+        "final", None, "The reference (converged) checkpoint the relations are compared to.", flag_values=fv
+    )
+    flags.mark_flag_as_required("final", flag_values=fv)
+
+
+def _informed_masks_flags(fv):
+    define_rows_flag(8, "Images shown.")(fv)
+    flags.DEFINE_string(
+        "guide_layer", "-1", "For a model trained with random masks: encoder block index or 'decoder'.", flag_values=fv
+    )
+    flags.DEFINE_float("hint_ratio", 0.05, "For a model trained with random masks: hint ratio.", flag_values=fv)
+    flags.DEFINE_enum(
+        "hint_strategy",
+        "similarity",
+        ["similarity", "random"],
+        "For a model trained with random masks.",
+        flag_values=fv,
+    )
+
+
+def _no_flags(fv):
+    pass
+
+
 # subcommand -> (what it is, its own flags on top of define_common_flags)
 SUBCOMMANDS = {
     "attention-distance": ("Fig. 5/6/A.1 attention distance.", _attention_distance_flags),
@@ -528,6 +815,11 @@ SUBCOMMANDS = {
     "attention-maps": ("Fig. 4/B.1 attention maps.", _attention_maps_flags),
     "reconstruction": ("input | masked | reconstruction.", define_rows_flag(8, "Images shown.")),
     "clusters": ("sigma_F, sigma_s, gap + bipartition maps.", _clusters_flags),
+    "early-clustering": ("Self-guided MAE Fig. 3: gap and token-relation KL over checkpoints.", _no_flags),
+    "token-relation-kl": ("KL of token relations against --final, per layer.", _token_relation_kl_flags),
+    "exploitation-rate": ("Self-guided MAE Fig. 4: decoder exploitation rates.", _no_flags),
+    "attention-nmi": ("Self-guided MAE Fig. 6: attention NMI per layer.", _no_flags),
+    "informed-masks": ("Self-guided MAE Fig. 5: random vs informed masks.", _informed_masks_flags),
 }
 
 
@@ -587,6 +879,8 @@ def main(argv=None):
     except (UsageError, ValueError) as e:
         cli.fail(str(e))
     result = {"command": args.command, "csv": csv_path, "png": ctx.path(".png")}
+    if getattr(ctx, "summary", None):
+        result["summary"] = ctx.summary
     print(json.dumps(result), flush=True)
     return result
 

@@ -23,8 +23,10 @@ Example:
 from keras_lcmae.analysis.extract import decoder_layers, encoder_layers, reference_features, shared_noise
 from keras_lcmae.analysis.metrics import (
     attention_distance,
+    attention_nmi,
     attention_similarity,
     clustering_metrics,
+    exploitation_rates,
     mean_pairwise_distance,
     pairwise_patch_distances,
     patch_attention,
@@ -32,10 +34,14 @@ from keras_lcmae.analysis.metrics import (
     resize_token_grid,
     semantic_similarity,
     similarity_weights,
+    token_relation_kl,
 )
 
 __all__ = [
     "attention_distance",
+    "attention_nmi",
+    "exploitation_rates",
+    "token_relation_kl",
     "attention_similarity",
     "clustering_metrics",
     "decoder_layers",

@@ -15,6 +15,8 @@ has its centre at pixel ``((c + 0.5) p, (r + 0.5) p)`` with
   ``W`` and ``S^sim_l`` of LC-MAE Eq. 8.
 * :func:`clustering_metrics` -- sigma_F, sigma_s and the intra-inter gap of
   Self-guided MAE, computed by :mod:`keras_lcmae.clustering`.
+* :func:`token_relation_kl`, :func:`exploitation_rates` and
+  :func:`attention_nmi` -- Self-guided MAE's Figs. 3b, 4 and 6.
 """
 
 import keras
@@ -319,3 +321,132 @@ def clustering_metrics(features):
     }
     out = {k: float(np.mean(keras.ops.convert_to_numpy(v))) for k, v in values.items()}
     return out, np.asarray(keras.ops.convert_to_numpy(assignments))
+
+
+def token_relation_kl(attention, reference_attention, has_cls=True, per_head=False):
+    """KL divergence of token relations between two checkpoints for one
+    layer (Self-guided MAE, Fig. 3b): how far a layer's attention is from
+    the attention of the same layer of a ``reference`` (converged) model on
+    the same images::
+
+        P_q = reference attention row of query q,   Q_q = attention row of q
+        KL  = mean over images, heads and queries of sum_k P_qk log(P_qk / Q_qk)
+
+    Rows are the patch-to-patch attention of :func:`patch_attention` (the
+    ``[CLS]`` query row and key column dropped, rows renormalised).
+    ``KL(reference || checkpoint)``: the converged relations are the target
+    the earlier ones are measured against. 0 for identical attention;
+    weights are clipped at 1e-12 so a zero weight does not give infinity.
+
+    Args:
+        attention: ``(B, H, T, T)`` attention of the checkpoint.
+        reference_attention: the same shape, of the reference model.
+        has_cls: whether token 0 is ``[CLS]``.
+        per_head: return ``(H,)`` per-head values instead of the mean.
+
+    Example:
+    >>> a = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 3, 5))
+    >>> token_relation_kl(a, a)
+    0.0
+    """
+    q = patch_attention(attention, has_cls)
+    p = patch_attention(reference_attention, has_cls)
+    if p.shape != q.shape:
+        raise ValueError(
+            f"the two attentions must have the same shape (same images, heads and tokens), got {q.shape} "
+            f"and reference {p.shape}."
+        )
+    p = np.maximum(p, _TINY)
+    q = np.maximum(q, _TINY)
+    kl = np.sum(p * (np.log(p) - np.log(q)), axis=-1)  # (B, H, K)
+    per = kl.mean(axis=(0, 2))
+    return per if per_head else float(per.mean())
+
+
+def exploitation_rates(attention, mask, has_cls=True):
+    """Decoder exploitation rates of visible and mask tokens for one layer
+    (Self-guided MAE, Fig. 4): how much the outputs at the **masked**
+    positions (``O``) draw on the visible tokens ``V`` and on the mask
+    tokens ``M``::
+
+        a'      = patch_attention(a)        ([CLS] row/column dropped, rows renormalised)
+        R_{V->O} = mean over images, heads and o in O of sum_{k in V} a'_ok
+        R_{M->O} = mean over images, heads and o in O of sum_{k in M} a'_ok
+
+    so ``R_{V->O} + R_{M->O} = 1``. Uniform attention gives the token
+    shares ``|V|/N`` and ``|M|/N``; the ``*_per_token`` values divide by
+    those shares (1 = as much as uniform attention, > 1 = favoured), so a
+    75 % mask does not by itself make mask tokens look exploited.
+
+    Args:
+        attention: ``(B, H, T, T)`` decoder attention in patch order
+            (``[CLS]`` first when ``has_cls``), e.g. :func:`~keras_lcmae.
+            analysis.decoder_layers`.
+        mask: ``(B, N)`` 1 where the patch was removed (a mask token).
+
+    Returns a dict of floats: ``visible``, ``mask``, ``visible_per_token``,
+    ``mask_per_token``.
+
+    Example:
+    >>> a = np.zeros((1, 1, 5, 5)); a[0, 0, :, 1:3] = 0.5      # every query looks at patches 0 and 1
+    >>> r = exploitation_rates(a, np.array([[0, 0, 1, 1]]))      # patches 0, 1 visible; 2, 3 masked
+    >>> r["visible"], r["mask"], r["visible_per_token"]
+    (1.0, 0.0, 2.0)
+    """
+    a = patch_attention(attention, has_cls)
+    m = _np(mask)
+    b, _, n, _ = a.shape
+    if m.shape != (b, n):
+        raise ValueError(f"mask must be (batch, patches) = {(b, n)} to match the attention, got {m.shape}.")
+    masked = m > 0.5
+    if not masked.any() or masked.all():
+        raise ValueError("the exploitation rates need both masked and visible patches in the mask.")
+    to_mask = np.einsum("bhqk,bk->bhq", a, masked.astype("float64"))  # mass each query puts on mask tokens
+    w = masked.astype("float64")[:, None, :]
+    r_mask = float((to_mask * w).sum() / (w.sum() * a.shape[1]))
+    share_mask = float(masked.mean())
+    return {
+        "visible": 1.0 - r_mask,
+        "mask": r_mask,
+        "visible_per_token": (1.0 - r_mask) / (1.0 - share_mask),
+        "mask_per_token": r_mask / share_mask,
+    }
+
+
+def attention_nmi(attention, has_cls=True, per_head=False):
+    """Normalised mutual information between query and key positions of one
+    layer's attention (Self-guided MAE Fig. 6, after Park et al. 2023, "What
+    do self-supervised ViTs learn?"): low when every query attends to the
+    same keys (a homogeneous attention map), 1 when each query attends to a
+    key of its own.
+
+    Per image and head, with ``a'`` the patch attention (:func:`patch_attention`)
+    over ``K`` patch tokens and queries taken uniformly::
+
+        p(q, k) = a'_qk / K,   p(k) = mean_q a'_qk
+        I(Q; K) = sum_qk p(q, k) log(a'_qk / p(k))
+        NMI     = I(Q; K) / sqrt(H(Q) H(K)),   H(Q) = log K,  H(K) = -sum_k p(k) log p(k)
+
+    (the geometric-mean normalisation; 0 when ``H(K) = 0``, i.e. all the
+    mass on one key), then averaged over images (and heads).
+
+    Example:
+    >>> eye = np.eye(5)[None, None]          # [CLS] + 4 patches, each attends to itself
+    >>> round(attention_nmi(eye), 6)
+    1.0
+    >>> round(attention_nmi(np.full((1, 1, 5, 5), 0.2)), 6)
+    0.0
+    """
+    a = patch_attention(attention, has_cls)
+    k = a.shape[-1]
+    if k < 2:
+        raise ValueError("NMI needs at least 2 patch tokens.")
+    pk = a.mean(axis=2)  # (B, H, K)
+    logs = np.log(np.maximum(a, _TINY)) - np.log(np.maximum(pk, _TINY))[:, :, None, :]
+    mi = np.sum(np.where(a > 0, a * logs, 0.0), axis=(2, 3)) / k
+    hk = -np.sum(np.where(pk > 0, pk * np.log(np.maximum(pk, _TINY)), 0.0), axis=-1)
+    hq = np.log(k)
+    denom = np.sqrt(hq * hk)
+    nmi = np.where(denom > _TINY, mi / np.maximum(denom, _TINY), 0.0)
+    per = np.clip(nmi, 0.0, 1.0).mean(axis=0)
+    return per if per_head else float(per.mean())

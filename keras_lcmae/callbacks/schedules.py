@@ -66,6 +66,12 @@ class InformedMaskingSchedule(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._variable()
 
+    def resolved_start(self):
+        """The first informed epoch of this run (``None``: none planned)."""
+        if self.start_epoch is not None:
+            return int(self.start_epoch)
+        return self.model.masking.start_epoch((self.params or {}).get("epochs"))
+
     def on_epoch_begin(self, epoch, logs=None):
-        start = self.model.masking.informed_start_epoch if self.start_epoch is None else int(self.start_epoch)
-        self._variable().assign(1.0 if epoch >= start else 0.0)
+        start = self.resolved_start()
+        self._variable().assign(1.0 if start is not None and epoch >= start else 0.0)

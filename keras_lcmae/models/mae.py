@@ -30,8 +30,8 @@ def masking_from_legacy(masking, kwargs, warn=True):
             DeprecationWarning,
             stacklevel=3,
         )
-    if masking == "self_guided":
-        return SelfGuidedMasking(**legacy)
+    if masking == "self_guided":  # the defaults of the time: informed from the first step, random hints
+        return SelfGuidedMasking(**{"informed_start_epoch": 0, "hint_strategy": "random", **legacy})
     if masking == "random" or masking is None:
         return masking
     raise ValueError(f"{', '.join(sorted(legacy))} only apply to masking='self_guided', got masking={masking!r}.")
@@ -97,6 +97,19 @@ class MAE(ReconstructionModel):
     def informed_active(self):
         """The self-guided masking's on/off variable (``None`` for random masking)."""
         return getattr(self.masking, "informed_active", None)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """As ``keras.Model.fit``. With :class:`~keras_lcmae.masking.SelfGuidedMasking`
+        an :class:`~keras_lcmae.callbacks.InformedMaskingSchedule` is added
+        when ``callbacks`` holds none, so informed masks start at the
+        strategy's epoch (its default start needs the run's ``epochs``)."""
+        if isinstance(self.masking, SelfGuidedMasking):
+            from keras_lcmae.callbacks import InformedMaskingSchedule
+
+            callbacks = list(callbacks or [])
+            if not any(isinstance(c, InformedMaskingSchedule) for c in callbacks):
+                callbacks.insert(0, InformedMaskingSchedule())  # before the callbacks that read it
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def apply_masking(self, x, noise=None, guide_tokens=None, views=1):
         """Masks tokens ``x`` ``(B, N, D)`` with the model's strategy (official

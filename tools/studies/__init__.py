@@ -16,6 +16,8 @@ ORDER = (
     "decoder_analysis",
     "mask_ratio",
     "single_image",
+    "early_clustering",
+    "self_guided",
 )
 
 
