@@ -411,9 +411,9 @@ def cmd_reconstruction(ctx):
     count = len(ctx.images)
     x = ctx.images
     noise = random_noise(count, ctx.encoder.num_patches, ctx.args.seed)
-    recon, mask = ctx.model.reconstruct(x, noise=noise)
-    recon = np.asarray(keras.ops.convert_to_numpy(recon))
-    mask = np.asarray(keras.ops.convert_to_numpy(mask))
+    parts = [ctx.model.reconstruct(x[sl], noise=noise[sl]) for sl in batches(count, ctx.args.batch_size)]
+    recon = np.concatenate([keras.ops.convert_to_numpy(r) for r, _ in parts])
+    mask = np.concatenate([keras.ops.convert_to_numpy(m) for _, m in parts])
     pixels = ctx.pixels(x)
     masked = pixels * (1 - mask) + 0.5 * mask
     rows = []
@@ -532,6 +532,11 @@ def cmd_early_clustering(ctx):
         layers = (
             final if model is ctx.model else layer_outputs(model, kind, ctx.images, None, ctx.args.batch_size, False)
         )
+        if set(layers) != set(final):
+            raise UsageError(
+                f"{path!r} has {len(layers)} encoder layers and the last checkpoint {len(final)}: the folder must "
+                "hold the checkpoints of one run."
+            )
         for (part, layer), out in layers.items():
             values, _ = clustering_metrics(out["features"])
             kl = token_relation_kl(out["attention"], final[(part, layer)]["attention"])
@@ -636,8 +641,9 @@ def cmd_informed_masks(ctx):
     )
     count = len(ctx.images)
     x = ctx.images
-    tokens = model.encoder.embed(x)
-    objects, scores = strategy.plan(model, tokens)
+    planned = [strategy.plan(model, model.encoder.embed(x[sl])) for sl in batches(count, ctx.args.batch_size)]
+    objects = np.concatenate([keras.ops.convert_to_numpy(o) for o, _ in planned])
+    scores = np.concatenate([keras.ops.convert_to_numpy(sc) for _, sc in planned])
     u = random_noise(count, ctx.encoder.num_patches, ctx.args.seed)
     rnd = keras.ops.convert_to_numpy(
         random_masking(np.zeros((count, ctx.encoder.num_patches, 1), "float32"), model.mask_ratio, noise=u)["mask"]
@@ -648,7 +654,6 @@ def cmd_informed_masks(ctx):
     inf = keras.ops.convert_to_numpy(
         random_masking(np.zeros((count, ctx.encoder.num_patches, 1), "float32"), model.mask_ratio, noise=noise)["mask"]
     )
-    objects = keras.ops.convert_to_numpy(objects)
     pixels = ctx.pixels(x)
     shown = min(ctx.args.rows, count)
     informed_masks_figure(pixels[:shown], objects, rnd, inf, ctx.grid, ctx.p, ctx.path(".png"))

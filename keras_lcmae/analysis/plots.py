@@ -244,7 +244,9 @@ def _patch_overlay(ax, grid_size, patch_size, values, color, alpha):
 def informed_masks_figure(pixels, objects, random_masks, informed_masks, grid_size, patch_size, path):
     """Self-guided MAE Fig. 5 style, one row per image: input | the side of
     the split found to be the object (red) | a random mask | the informed
-    mask (masked patches dark; visible object patches = hints, in green)."""
+    mask (masked patches dark; the object's visible patches in green: the
+    hints, and the patches beyond the masked budget when the object is
+    larger)."""
     plt = _pyplot()
     n = len(pixels)
     fig, axes = plt.subplots(n, 4, figsize=(6.4, 1.7 * n), squeeze=False)
