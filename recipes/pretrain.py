@@ -344,7 +344,14 @@ def validate_masking_flags():
     except ValueError as e:
         raise app.UsageError(f"--hint_ratio: {e}") from None
     if FLAGS.informed_start_epoch is None:
-        pass
+        from keras_lcmae.masking import SelfGuidedMasking
+
+        if SelfGuidedMasking().start_epoch(FLAGS.epochs) >= FLAGS.epochs:
+            raise app.UsageError(
+                f"--informed_start_epoch: the default start (once the clustering has formed, a quarter of "
+                f"--epochs={FLAGS.epochs}, rounded up) leaves no epoch with informed masks; pass "
+                "--informed_start_epoch=0 or more --epochs."
+            )
     elif FLAGS.informed_start_epoch < 0:
         raise app.UsageError(f"--informed_start_epoch must be >= 0, got {FLAGS.informed_start_epoch}.")
     elif FLAGS.informed_start_epoch >= FLAGS.epochs:

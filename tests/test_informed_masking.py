@@ -323,6 +323,7 @@ def test_pretrain_callbacks_add_the_schedule_only_when_self_guided(tmp_path):
     [
         (["--masking=self_guided", "--hint_ratio=1.5"], "--hint_ratio"),
         (["--masking=self_guided", "--informed_start_epoch=5", "--epochs=5"], "--informed_start_epoch"),
+        (["--masking=self_guided", "--epochs=1"], "--informed_start_epoch: the default start"),
         (["--masking=self_guided", "--guide_layer=7"], "--guide_layer"),
         (["--masking=self_guided", "--guide_layer=last"], "--guide_layer"),
     ],
