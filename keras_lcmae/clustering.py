@@ -30,6 +30,8 @@ Example:
 
 from keras import ops
 
+from keras_lcmae.ops import to_2tuple
+
 EPSILON = 1e-6
 
 
@@ -142,7 +144,7 @@ def border_patches(grid_size):
     >>> np.asarray(border_patches((3, 3))).reshape(3, 3).astype(int).tolist()
     [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
     """
-    rows, cols = (int(grid_size), int(grid_size)) if isinstance(grid_size, int) else map(int, grid_size)
+    rows, cols = to_2tuple(grid_size, "grid_size")
     r = ops.arange(rows * cols) // cols
     c = ops.arange(rows * cols) % cols
     ring = ops.logical_or(
@@ -187,7 +189,7 @@ def main_object(features, assignments, grid_size):
     a = ops.cast(ops.convert_to_tensor(assignments), "float32")
     if len(a.shape) != 2:
         raise ValueError(f"assignments must have shape (batch, tokens), got {tuple(a.shape)}.")
-    rows, cols = (int(grid_size), int(grid_size)) if isinstance(grid_size, int) else map(int, grid_size)
+    rows, cols = to_2tuple(grid_size, "grid_size")
     n = f.shape[1]
     if n is not None and rows * cols != n:
         raise ValueError(f"grid_size {(rows, cols)} has {rows * cols} patches but the features have {n} tokens.")

@@ -1,7 +1,6 @@
 """Self-guided MAE against MAE at the same budget (Shin et al. 2024, Tables 2,
 3 and III), with the masks it makes."""
 
-import math
 import shutil
 
 from studies import base, early_clustering, report
@@ -41,10 +40,10 @@ def sg(scale, label, seeds, **flags):
 def start_epoch(scale):
     """The default start for the study's schedule, written into the flags so
     that a change of the library's constant gives new runs."""
-    from keras_lcmae.masking import AUTO_START_FRACTION
+    from keras_lcmae.masking import SelfGuidedMasking
 
     epochs, _ = early_clustering.schedule(scale)
-    return int(math.ceil(AUTO_START_FRACTION * epochs - 1e-9))
+    return SelfGuidedMasking().start_epoch(epochs)
 
 
 def plan(scale):
